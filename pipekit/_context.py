@@ -1,0 +1,211 @@
+"""Typed keys and the per-stage view of a run (:class:`StageContext`)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
+
+import structlog
+
+from ._errors import ContextConflictError
+
+if TYPE_CHECKING:
+    from ._request import PipelineRequest
+
+__all__ = ["Key", "StageContext"]
+
+T = TypeVar("T")
+D = TypeVar("D")
+
+_MISSING: Any = object()
+
+
+class Key(Generic[T]):
+    """A typed name for a value stages share through the context.
+
+    ``Key[int]("retries")`` lets mypy infer ``int`` from ``ctx[key]``. Two keys
+    with the same name address the same value.
+
+    Args:
+        name: The value's name; shown in errors.
+    """
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"Key name must be a non-empty string, got {name!r}")
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"Key({self.name!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Key) and other.name == self.name
+
+    def __hash__(self) -> int:
+        return hash(("pipekit.Key", self.name))
+
+
+class _Store:
+    """The values a run's stages share; remembers which stage wrote each one.
+
+    A nested pipeline gets a child store: it reads through to its parent and
+    its writes are merged into the parent, as the nesting stage's, when it
+    succeeds.
+    """
+
+    __slots__ = ("concurrent", "parent", "values", "writers")
+
+    def __init__(self, concurrent: Callable[[str, str], bool], parent: _Store | None = None) -> None:
+        self.values: dict[str, Any] = {}
+        self.writers: dict[str, str] = {}
+        self.concurrent = concurrent
+        self.parent = parent
+
+    def lookup(self, name: str) -> Any:
+        store: _Store | None = self
+        while store is not None:
+            value = store.values.get(name, _MISSING)
+            if value is not _MISSING:
+                return value
+            store = store.parent
+        return _MISSING
+
+    def write(self, name: str, value: Any, stage: str) -> None:
+        other = self.writers.get(name)
+        if other is not None and other != stage and self.concurrent(other, stage):
+            raise ContextConflictError(name, stage=stage, other=other)
+        self.values[name] = value
+        self.writers[name] = stage
+
+    def merge_into_parent(self, stage: str) -> None:
+        parent = self.parent
+        if parent is None:  # pragma: no cover - only child stores are merged
+            return
+        for name, value in self.values.items():
+            parent.write(name, value, stage)
+
+
+class _RunView:
+    """What a context needs from its run (implemented by the runner)."""
+
+    __slots__ = ()
+    pipeline_name: str
+    request: PipelineRequest
+    store: _Store
+    outputs_view: Mapping[str, Any]
+    dry_run: bool
+
+
+def _key_name(key: Key[Any] | str) -> str:
+    if isinstance(key, Key):
+        return key.name
+    if isinstance(key, str):
+        return key
+    raise TypeError(f"context keys are pipekit.Key or str, got {type(key).__name__}")
+
+
+class StageContext:
+    """What a stage sees of the run it is part of.
+
+    One context is made per stage; values set with ``ctx[key] = value`` are
+    visible to the stages that run after it. Stages that may run concurrently
+    (no dependency path between them) cannot write the same key:
+    :class:`~pipekit.ContextConflictError`.
+    """
+
+    __slots__ = ("_attempt", "_log", "_run", "_stage")
+
+    def __init__(self, run: _RunView, stage: str, attempt: int = 1) -> None:
+        self._run = run
+        self._stage = stage
+        self._attempt = attempt
+        self._log: Any = None
+
+    @overload
+    def __getitem__(self, key: Key[T]) -> T: ...
+    @overload
+    def __getitem__(self, key: str) -> Any: ...
+    def __getitem__(self, key: Key[Any] | str) -> Any:
+        name = _key_name(key)
+        value = self._run.store.lookup(name)
+        if value is _MISSING:
+            raise KeyError(f"context key {name!r} is not set (stage {self._stage!r})")
+        return value
+
+    @overload
+    def __setitem__(self, key: Key[T], value: T) -> None: ...
+    @overload
+    def __setitem__(self, key: str, value: Any) -> None: ...
+    def __setitem__(self, key: Key[Any] | str, value: Any) -> None:
+        self._run.store.write(_key_name(key), value, self._stage)
+
+    def __contains__(self, key: object) -> bool:
+        if not isinstance(key, Key | str):
+            return False
+        return self._run.store.lookup(_key_name(key)) is not _MISSING
+
+    @overload
+    def get(self, key: Key[T]) -> T | None: ...
+    @overload
+    def get(self, key: Key[T], default: D) -> T | D: ...
+    @overload
+    def get(self, key: str, default: Any = None) -> Any: ...
+    def get(self, key: Key[Any] | str, default: Any = None) -> Any:
+        """Return the key's value, or ``default`` when it is unset."""
+        value = self._run.store.lookup(_key_name(key))
+        return default if value is _MISSING else value
+
+    @property
+    def request(self) -> PipelineRequest:
+        """The request this run is serving."""
+        return self._run.request
+
+    @property
+    def input(self) -> Mapping[str, Any]:
+        """The request's input (read-only)."""
+        return self._run.request.input
+
+    @property
+    def outputs(self) -> Mapping[str, Any]:
+        """Outputs of the stages that have finished so far, by stage name (read-only)."""
+        return self._run.outputs_view
+
+    @property
+    def stage(self) -> str:
+        """The name of the stage this context belongs to."""
+        return self._stage
+
+    @property
+    def pipeline(self) -> str:
+        """The name of the pipeline being run."""
+        return self._run.pipeline_name
+
+    @property
+    def attempt(self) -> int:
+        """The current attempt, starting at 1."""
+        return self._attempt
+
+    @property
+    def dry_run(self) -> bool:
+        """Whether this is a dry run (stages are validated, never executed)."""
+        return self._run.dry_run
+
+    @property
+    def log(self) -> Any:
+        """A structlog logger bound with ``request_id``, ``pipeline`` and ``stage``."""
+        log = self._log
+        if log is None:
+            log = self._log = structlog.get_logger("pipekit").bind(
+                request_id=self._run.request.id,
+                pipeline=self._run.pipeline_name,
+                stage=self._stage,
+            )
+        return log
+
+    def __repr__(self) -> str:
+        return (
+            f"<StageContext pipeline={self._run.pipeline_name!r} stage={self._stage!r} "
+            f"attempt={self._attempt} request={self._run.request.id!r}>"
+        )

@@ -1,0 +1,430 @@
+"""The Engine actor: a bounded mailbox of requests, run with limited concurrency."""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Mapping, Sequence
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Self
+
+import anyio
+import anyio.abc
+import attrs
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+from ._events_log import EventLog, EventStream
+from ._request import PipelineRequest, PipelineResponse
+from ._run import _Run, execute_pipeline
+from ._status import Status
+
+if TYPE_CHECKING:
+    from ._pipeline import Hook, Pipeline
+
+__all__ = ["Engine", "ExecutionHandle", "PipelineMetrics"]
+
+
+@attrs.frozen(kw_only=True)
+class PipelineMetrics:
+    """Counters and latency percentiles of one pipeline's executions in an engine.
+
+    Counts are since the engine started; percentiles cover the most recent
+    executions (the engine's ``metrics_window``). Percentiles are None until
+    an execution finished.
+
+    Attributes:
+        pipeline: The pipeline's name.
+        total_executions: Finished executions.
+        succeeded: Of which succeeded.
+        failed: Of which did not succeed (failed, timed out or cancelled).
+        timed_out: Of which timed out.
+        cancelled: Of which were cancelled.
+        success_rate: ``succeeded / total_executions`` (0.0 with none).
+        p50: Median duration in seconds.
+        p95: 95th percentile duration in seconds.
+        p99: 99th percentile duration in seconds.
+        hook_failures: Hook calls that raised during its executions.
+    """
+
+    pipeline: str
+    total_executions: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    timed_out: int = 0
+    cancelled: int = 0
+    success_rate: float = 0.0
+    p50: float | None = None
+    p95: float | None = None
+    p99: float | None = None
+    hook_failures: int = 0
+
+
+def _percentile(sorted_values: Sequence[float], q: float) -> float:
+    # Nearest-rank percentile.
+    rank = max(1, math.ceil(q / 100 * len(sorted_values)))
+    return sorted_values[rank - 1]
+
+
+@attrs.define(eq=False)
+class _Tally:
+    total: int = 0
+    succeeded: int = 0
+    timed_out: int = 0
+    cancelled: int = 0
+    hook_failures: int = 0
+    durations: deque[float] = attrs.field(factory=deque)
+
+
+class ExecutionHandle:
+    """One submitted execution: its status, its events, and a way to wait or cancel.
+
+    Made by :meth:`Engine.submit`; not instantiated directly.
+    """
+
+    def __init__(self, engine: Engine, pipeline: Pipeline, request: PipelineRequest, history: int) -> None:
+        self._engine = engine
+        self._pipeline = pipeline
+        self._request = request
+        self._run: _Run | None = None
+        self._response: PipelineResponse | None = None
+        self._done = anyio.Event()
+        self._log = EventLog(history, name=f"execution {request.id}")
+        self._cancel_requested = False
+        self._claimed = False
+
+    @property
+    def id(self) -> str:
+        """The execution's id (the request id)."""
+        return self._request.id
+
+    @property
+    def pipeline(self) -> Pipeline:
+        """The pipeline being run."""
+        return self._pipeline
+
+    @property
+    def request(self) -> PipelineRequest:
+        """The request being served."""
+        return self._request
+
+    @property
+    def status(self) -> Status:
+        """``PENDING`` while queued, ``RUNNING``, then the run's final status."""
+        if self._response is not None:
+            return self._response.status
+        return Status.RUNNING if self._run is not None else Status.PENDING
+
+    @property
+    def response(self) -> PipelineResponse | None:
+        """The response, once the execution finished."""
+        return self._response
+
+    def done(self) -> bool:
+        """Whether the execution finished."""
+        return self._done.is_set()
+
+    async def wait(self) -> PipelineResponse:
+        """Wait for the execution to finish and return its response."""
+        await self._done.wait()
+        assert self._response is not None
+        return self._response
+
+    def events(self) -> EventStream:
+        """Iterate over this execution's events from its start, ending after ``PipelineFinished``.
+
+        Each handle keeps its own bounded history (``Engine(execution_history=...)``),
+        so calling this after the run began still yields the earlier events.
+        """
+        return self._log.stream(from_start=True)
+
+    async def cancel(self) -> PipelineResponse:
+        """Cancel the execution and wait until it stopped.
+
+        Running stages are interrupted, completed ones are rolled back, and the
+        status becomes ``CANCELLED``. Cancelling a finished execution changes
+        nothing.
+
+        Returns:
+            The response.
+        """
+        if not self._done.is_set():
+            self._cancel_requested = True
+            if self._run is not None:
+                self._run.cancel()
+            elif not self._claimed:
+                # Still queued: settle it here, the actor will skip it.
+                self._claimed = True
+                await self._engine._run_handle(self, take_slot=False)
+        return await self.wait()
+
+    def _attach(self, run: _Run) -> None:
+        self._run = run
+        if self._cancel_requested:
+            run.cancel()
+
+    def __repr__(self) -> str:
+        return f"<ExecutionHandle {self.id} pipeline={self._pipeline.name!r} status={self.status.value}>"
+
+
+class Engine:
+    """Runs pipelines for an async service: an actor with a bounded mailbox.
+
+    ``submit`` waits while the mailbox is full (backpressure); at most
+    ``max_concurrent`` executions run at once. Leaving the ``async with`` block
+    waits for every submitted execution; if the owner is cancelled instead,
+    running executions are cancelled and rolled back. Nothing outlives the
+    engine::
+
+        async with pk.Engine(max_concurrent=8) as engine:
+            handle = await engine.submit(pipeline, pk.PipelineRequest(input={...}))
+            response = await handle.wait()
+
+    Args:
+        max_concurrent: Executions running at once.
+        mailbox_size: Submitted executions waiting to start before ``submit`` waits.
+        hooks: Async callables awaited with every event of every execution.
+        history_size: Finished executions kept for :meth:`get` and :meth:`list`.
+        execution_history: Events kept per execution for ``handle.events()``.
+        event_buffer: Events kept for :meth:`events` subscribers that lag behind.
+        metrics_window: Recent executions per pipeline used for percentiles.
+    """
+
+    def __init__(
+        self,
+        *,
+        max_concurrent: int = 16,
+        mailbox_size: int = 100,
+        hooks: Sequence[Hook] = (),
+        history_size: int = 1000,
+        execution_history: int = 10_000,
+        event_buffer: int = 10_000,
+        metrics_window: int = 1000,
+    ) -> None:
+        for label, value in (
+            ("max_concurrent", max_concurrent),
+            ("history_size", history_size),
+            ("execution_history", execution_history),
+            ("event_buffer", event_buffer),
+            ("metrics_window", metrics_window),
+        ):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"Engine {label} must be an integer >= 1, got {value!r}")
+        if not isinstance(mailbox_size, int) or mailbox_size < 0:
+            raise ValueError(f"Engine mailbox_size must be an integer >= 0, got {mailbox_size!r}")
+        self._max_concurrent = max_concurrent
+        self._mailbox_size = mailbox_size
+        self._hooks = tuple(hooks)
+        self._history_size = history_size
+        self._execution_history = execution_history
+        self._metrics_window = metrics_window
+        self._handles: dict[str, ExecutionHandle] = {}
+        self._finished: deque[str] = deque()
+        self._tallies: dict[str, _Tally] = {}
+        self._events = EventLog(event_buffer, name="engine")
+        self._tg: anyio.abc.TaskGroup | None = None
+        self._send: MemoryObjectSendStream[ExecutionHandle] | None = None
+        self._slots: anyio.Semaphore | None = None
+        self._closed = False
+        self._running = 0
+
+    # -- lifecycle ------------------------------------------------------------
+
+    async def __aenter__(self) -> Self:
+        if self._tg is not None or self._closed:
+            raise RuntimeError("an Engine can be entered only once")
+        send, receive = anyio.create_memory_object_stream[ExecutionHandle](self._mailbox_size)
+        self._send = send
+        self._slots = anyio.Semaphore(self._max_concurrent)
+        tg = anyio.create_task_group()
+        await tg.__aenter__()
+        self._tg = tg
+        tg.start_soon(self._actor, receive)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool | None:
+        assert self._tg is not None
+        assert self._send is not None
+        self._closed = True
+        self._send.close()
+        try:
+            return await self._tg.__aexit__(exc_type, exc, tb)
+        finally:
+            self._events.close()
+
+    async def _actor(self, receive: MemoryObjectReceiveStream[ExecutionHandle]) -> None:
+        assert self._tg is not None
+        assert self._slots is not None
+        async with receive:
+            async for handle in receive:
+                await self._slots.acquire()
+                if handle._claimed:  # cancelled while queued
+                    self._slots.release()
+                    continue
+                handle._claimed = True
+                self._tg.start_soon(self._run_handle, handle)
+
+    async def _run_handle(self, handle: ExecutionHandle, *, take_slot: bool = True) -> None:
+        tally = self._tally(handle.pipeline.name)
+
+        def hook_failed() -> None:
+            tally.hook_failures += 1
+
+        self._running += 1
+        try:
+            handle._response = await execute_pipeline(
+                handle.pipeline,
+                handle.request,
+                hooks=self._hooks,
+                listeners=(handle._log.append, self._events.append),
+                on_hook_failure=hook_failed,
+                on_start=handle._attach,
+            )
+        finally:
+            self._running -= 1
+            if take_slot:
+                assert self._slots is not None
+                self._slots.release()
+            if handle._response is None and handle._run is not None:
+                handle._response = handle._run.response
+            if handle._response is not None:
+                self._record(tally, handle._response)
+            handle._log.close()
+            handle._done.set()
+            self._retire(handle)
+
+    # -- submitting -----------------------------------------------------------
+
+    async def submit(
+        self,
+        pipeline: Pipeline,
+        request: PipelineRequest | None = None,
+        *,
+        input: Mapping[str, Any] | None = None,  # noqa: A002 - the documented name
+    ) -> ExecutionHandle:
+        """Queue an execution and return its handle; waits while the mailbox is full.
+
+        Args:
+            pipeline: The pipeline.
+            request: The request; built from ``input`` when omitted.
+            input: The request input, when no request is given.
+
+        Returns:
+            The handle.
+
+        Raises:
+            PipelineDefinitionError: If the pipeline's definition is broken.
+            RuntimeError: If the engine is not running, or the request id is
+                already in use by an execution it knows.
+        """
+        if self._send is None or self._closed:
+            raise RuntimeError("the Engine is not running; use `async with Engine() as engine:`")
+        if request is None:
+            request = PipelineRequest(input=input or {})
+        elif input is not None:
+            raise TypeError("pass either a request or input=, not both")
+        pipeline.plan()
+        if request.id in self._handles:
+            raise RuntimeError(f"an execution with request id {request.id!r} already exists")
+        handle = ExecutionHandle(self, pipeline, request, self._execution_history)
+        self._handles[request.id] = handle
+        try:
+            await self._send.send(handle)
+        except BaseException:
+            del self._handles[request.id]
+            raise
+        return handle
+
+    async def execute(
+        self,
+        pipeline: Pipeline,
+        request: PipelineRequest | None = None,
+        *,
+        input: Mapping[str, Any] | None = None,  # noqa: A002 - the documented name
+    ) -> PipelineResponse:
+        """Submit an execution and wait for its response (see :meth:`submit`)."""
+        handle = await self.submit(pipeline, request, input=input)
+        return await handle.wait()
+
+    # -- looking -----------------------------------------------------------------
+
+    def get(self, id: str) -> ExecutionHandle:  # noqa: A002 - mirrors handle.id
+        """Return the handle of a known execution.
+
+        Raises:
+            KeyError: Naming the id, if the engine does not know it (any more).
+        """
+        try:
+            return self._handles[id]
+        except KeyError:
+            raise KeyError(f"no execution with id {id!r} in this engine") from None
+
+    def list(self, status: Status | None = None) -> list[ExecutionHandle]:
+        """Known executions, oldest first, optionally only those in ``status``."""
+        handles = list(self._handles.values())
+        if status is None:
+            return handles
+        return [h for h in handles if h.status is status]
+
+    def events(self) -> EventStream:
+        """Live events of every execution, from now until the engine closes.
+
+        Subscribers never slow executions down: one that falls more than
+        ``event_buffer`` events behind skips ahead, and is told (``.dropped``
+        and a ``pipekit.events.dropped`` warning).
+        """
+        return self._events.stream(from_start=False)
+
+    def metrics(self, pipeline: str) -> PipelineMetrics:
+        """Counters and latency percentiles of the named pipeline's executions."""
+        tally = self._tallies.get(pipeline)
+        if tally is None or not tally.total:
+            return PipelineMetrics(pipeline=pipeline, hook_failures=tally.hook_failures if tally else 0)
+        durations = sorted(tally.durations)
+        return PipelineMetrics(
+            pipeline=pipeline,
+            total_executions=tally.total,
+            succeeded=tally.succeeded,
+            failed=tally.total - tally.succeeded,
+            timed_out=tally.timed_out,
+            cancelled=tally.cancelled,
+            success_rate=tally.succeeded / tally.total,
+            p50=_percentile(durations, 50),
+            p95=_percentile(durations, 95),
+            p99=_percentile(durations, 99),
+            hook_failures=tally.hook_failures,
+        )
+
+    @property
+    def running(self) -> int:
+        """Executions running now."""
+        return self._running
+
+    # -- bookkeeping ------------------------------------------------------------
+
+    def _tally(self, name: str) -> _Tally:
+        tally = self._tallies.get(name)
+        if tally is None:
+            tally = self._tallies[name] = _Tally(durations=deque(maxlen=self._metrics_window))
+        return tally
+
+    def _record(self, tally: _Tally, response: PipelineResponse) -> None:
+        tally.total += 1
+        status = response.status
+        if status is Status.SUCCEEDED:
+            tally.succeeded += 1
+        elif status is Status.TIMED_OUT:
+            tally.timed_out += 1
+        elif status is Status.CANCELLED:
+            tally.cancelled += 1
+        tally.durations.append(response.duration)
+
+    def _retire(self, handle: ExecutionHandle) -> None:
+        self._finished.append(handle.id)
+        while len(self._finished) > self._history_size:
+            old = self._finished.popleft()
+            self._handles.pop(old, None)

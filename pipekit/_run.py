@@ -1,0 +1,824 @@
+"""The runner: walks a pipeline's graph, then compensates on failure.
+
+One :class:`_Run` per execution holds all mutable state; the plan it walks is
+shared and immutable. A chain of stages runs inline in one task; a task is
+spawned only where the graph fans out.
+"""
+
+from __future__ import annotations
+
+import time
+import types
+from collections import ChainMap
+from collections.abc import Callable, Mapping, Sequence
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+from weakref import WeakKeyDictionary
+
+import anyio
+import structlog
+from anyio.lowlevel import RunVar
+
+from . import _events as ev
+from ._context import StageContext, _RunView, _Store
+from ._errors import (
+    PipekitError,
+    PipelineCancelledError,
+    PipelineDefinitionError,
+    PipelineTimeoutError,
+    RollbackError,
+    StageFailedError,
+    StageTimeoutError,
+    ValidationError,
+)
+from ._plan import Node, Plan
+from ._policy import call_with_retry
+from ._request import PipelineRequest, PipelineResponse, StageResult
+from ._status import Status
+
+if TYPE_CHECKING:
+    from ._pipeline import Hook, Pipeline
+
+__all__ = ["Emitter", "collect_validation_errors", "execute_pipeline", "run_nested"]
+
+_log = structlog.get_logger("pipekit")
+
+#: Seconds one hook call may take before it counts as failed.
+HOOK_TIMEOUT = 30.0
+
+_atomic_locks: RunVar[WeakKeyDictionary[Pipeline, anyio.Lock]] = RunVar("pipekit_atomic_locks")
+
+_PENDING = Status.PENDING
+_RUNNING = Status.RUNNING
+_SUCCEEDED = Status.SUCCEEDED
+_FAILED = Status.FAILED
+_SKIPPED = Status.SKIPPED
+
+
+class Emitter:
+    """Delivers a run's events: synchronous listeners first, then async hooks.
+
+    Listeners (the engine's history and broadcast) must not raise. A hook that
+    raises or overruns :data:`HOOK_TIMEOUT` is logged with its traceback and
+    counted; it never breaks the run.
+    """
+
+    __slots__ = ("failures", "hooks", "listeners", "on_hook_failure")
+
+    def __init__(
+        self,
+        hooks: Sequence[Hook] = (),
+        listeners: Sequence[Callable[[ev.Event], None]] = (),
+        on_hook_failure: Callable[[], None] | None = None,
+    ) -> None:
+        self.hooks = tuple(hooks)
+        self.listeners = tuple(listeners)
+        self.failures = 0
+        self.on_hook_failure = on_hook_failure
+
+    async def emit(self, event: ev.Event) -> None:
+        for listener in self.listeners:
+            listener(event)
+        for hook in self.hooks:
+            try:
+                with anyio.fail_after(HOOK_TIMEOUT):
+                    await hook(event)
+            except Exception:
+                self.failures += 1
+                if self.on_hook_failure is not None:
+                    self.on_hook_failure()
+                _log.exception(
+                    "pipekit.hook.failed",
+                    hook=getattr(hook, "__qualname__", repr(hook)),
+                    event_kind=event.kind,
+                    request_id=event.request_id,
+                    pipeline=event.pipeline,
+                    stage=event.stage,
+                )
+
+
+def _interrupted_reason(stop: str, culprit: str | None, timeout: float | None) -> str:
+    if stop == "failed":
+        return f"stage {culprit!r} failed"
+    if stop == "timeout":
+        return f"the run timed out after {timeout:g}s"
+    return "the run was cancelled"
+
+
+class _Run(_RunView):
+    """All state of one execution of one pipeline (or of a nested pipeline)."""
+
+    __slots__ = (
+        "attempts",
+        "blocked",
+        "cancel_requested",
+        "children",
+        "culprit",
+        "deadline",
+        "dry_run",
+        "emitter",
+        "error",
+        "failure",
+        "mono0",
+        "nodes",
+        "output",
+        "outputs",
+        "outputs_view",
+        "pipeline",
+        "pipeline_name",
+        "plan",
+        "reason",
+        "request",
+        "response",
+        "rollback_error",
+        "rolled_back",
+        "run_scope",
+        "sems",
+        "status",
+        "stop",
+        "store",
+        "t0",
+        "t1",
+        "tg",
+        "waiting",
+        "wall0",
+    )
+
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        plan: Plan,
+        request: PipelineRequest,
+        emitter: Emitter | None,
+        parent: _Run | None = None,
+    ) -> None:
+        self.pipeline = pipeline
+        self.pipeline_name = pipeline.name
+        self.plan = plan
+        self.nodes = plan.nodes
+        self.request = request
+        self.dry_run = request.options.dry_run
+        self.emitter = emitter
+        n = len(plan.nodes)
+        self.status: list[Status] = [_PENDING] * n
+        self.output: list[Any] = [None] * n
+        self.error: list[BaseException | None] = [None] * n
+        self.attempts = [0] * n
+        self.t0 = [0.0] * n
+        self.t1 = [0.0] * n
+        self.reason: list[str | None] = [None] * n
+        self.blocked = [False] * n
+        self.rolled_back = [False] * n
+        self.rollback_error: list[BaseException | None] = [None] * n
+        self.waiting = [len(node.deps) for node in plan.nodes]
+        self.outputs: dict[str, Any] = {}
+        if parent is None:
+            self.outputs_view: Mapping[str, Any] = types.MappingProxyType(self.outputs)
+            self.store = _Store(plan.concurrent)
+        else:
+            self.outputs_view = types.MappingProxyType(ChainMap(self.outputs, parent.outputs_view))  # type: ignore[arg-type]
+            self.store = _Store(plan.concurrent, parent.store)
+        self.children: dict[int, _Run] = {}
+        self.sems: dict[int, anyio.Semaphore] = {}
+        self.stop: str | None = None
+        self.culprit: str | None = None
+        self.failure: int = -1
+        self.tg: anyio.abc.TaskGroup | None = None
+        self.run_scope: anyio.CancelScope | None = None
+        self.cancel_requested = False
+        self.response: PipelineResponse | None = None
+        self.deadline: float | None = None
+        self.wall0 = 0.0
+        self.mono0 = 0.0
+
+    # -- control ------------------------------------------------------------
+
+    def cancel(self) -> None:
+        """Cancel the run from outside (the engine's ``handle.cancel()``)."""
+        self.cancel_requested = True
+        if self.run_scope is not None:
+            self.run_scope.cancel()
+
+    async def _emit(self, event: ev.Event) -> None:
+        assert self.emitter is not None
+        await self.emitter.emit(event)
+
+    def _now_wall(self, mono: float) -> float:
+        return self.wall0 + (mono - self.mono0)
+
+    # -- running ------------------------------------------------------------
+
+    async def run(self) -> PipelineResponse:
+        """Run to completion (rollback included) and return the response.
+
+        Cancellation from outside is honoured: the run is interrupted,
+        compensated under a shield, its response kept in ``self.response``,
+        and the cancellation re-raised.
+        """
+        pipeline = self.pipeline
+        self.wall0 = time.time()
+        self.mono0 = anyio.current_time()
+        request = self.request
+        if self.emitter is not None:
+            await self._emit(
+                ev.PipelineStarted(
+                    request_id=request.id,
+                    pipeline=self.pipeline_name,
+                    timestamp=self.wall0,
+                    request_type=request.type,
+                )
+            )
+        if self.dry_run:
+            return await self._finish_dry_run()
+        limits = [t for t in (pipeline.timeout, request.options.timeout) if t is not None]
+        self.deadline = min(limits) if limits else None
+        cancelled_exc = anyio.get_cancelled_exc_class()
+        try:
+            with anyio.CancelScope() as scope:
+                self.run_scope = scope
+                if self.cancel_requested:
+                    scope.cancel()
+                if self.deadline is not None:
+                    scope.deadline = self.mono0 + self.deadline
+                async with anyio.create_task_group() as tg:
+                    self.tg = tg
+                    roots = self.plan.roots
+                    for r in roots[1:]:
+                        tg.start_soon(self._drive, r)
+                    if roots:
+                        await self._drive(roots[0])
+            if scope.cancelled_caught and self.stop is None:
+                self.stop = "cancelled" if self.cancel_requested else "timeout"
+        except cancelled_exc:
+            if self.stop is None:
+                self.stop = "cancelled"
+            with anyio.CancelScope(shield=True):
+                self.response = await self._finish()
+            raise
+        self.response = await self._finish()
+        return self.response
+
+    async def _drive(self, i: int) -> None:
+        """Run node ``i``, then keep going inline with one newly ready dependent."""
+        while True:
+            await self._run_node(i)
+            if self.stop is not None:
+                return
+            i = await self._release(i)
+            if i < 0:
+                return
+
+    async def _release(self, i: int) -> int:
+        """Count node ``i`` as done for its dependents; start the ones now ready.
+
+        Returns one ready node for the caller to run inline, or -1.
+        """
+        nodes = self.nodes
+        waiting = self.waiting
+        blocked = self.blocked
+        inline = -1
+        todo = [i]
+        while todo:
+            j = todo.pop()
+            for d in nodes[j].dependents:
+                w = waiting[d] - 1
+                waiting[d] = w
+                if w:
+                    continue
+                failed = next((k for k in nodes[d].deps if blocked[k]), -1)
+                if failed >= 0:
+                    dep = nodes[failed]
+                    why = "failed" if self.status[failed] is not _SKIPPED else "was skipped after a failure"
+                    await self._skip(d, f"dependency {dep.name!r} {why}", blocked=True)
+                    todo.append(d)
+                elif inline < 0:
+                    inline = d
+                else:
+                    assert self.tg is not None
+                    self.tg.start_soon(self._drive, d)
+        return inline
+
+    async def _skip(self, i: int, reason: str, *, blocked: bool) -> None:
+        self.status[i] = _SKIPPED
+        self.reason[i] = reason
+        self.blocked[i] = blocked
+        if self.emitter is not None:
+            await self._emit(
+                ev.StageSkipped(
+                    request_id=self.request.id,
+                    pipeline=self.pipeline_name,
+                    timestamp=time.time(),
+                    stage=self.nodes[i].name,
+                    reason=reason,
+                )
+            )
+
+    async def _run_node(self, i: int) -> None:
+        node = self.nodes[i]
+        if node.when is not None:
+            try:
+                go = node.when(StageContext(self, node.name))
+            except Exception as exc:
+                self.t0[i] = self.t1[i] = anyio.current_time()
+                await self._fail(i, exc)
+                return
+            if not go:
+                await self._skip(i, "condition is false", blocked=False)
+                return
+        if node.limit is None:
+            await self._attempt(i, node)
+            return
+        sem = self.sems.get(node.group)
+        if sem is None:
+            sem = self.sems[node.group] = anyio.Semaphore(node.limit)
+        async with sem:
+            await self._attempt(i, node)
+
+    async def _attempt(self, i: int, node: Node) -> None:
+        self.status[i] = _RUNNING
+        self.t0[i] = anyio.current_time()
+        self.attempts[i] = 1
+        ctx = StageContext(self, node.name)
+        emitter = self.emitter
+        if emitter is not None:
+            await emitter.emit(
+                ev.StageStarted(
+                    request_id=self.request.id,
+                    pipeline=self.pipeline_name,
+                    timestamp=self._now_wall(self.t0[i]),
+                    stage=node.name,
+                    attempt=1,
+                )
+            )
+        try:
+            if node.validate is not None:
+                node.validate(ctx)
+            if node.retry is None:
+                out = await self._call(i, node, ctx, 1)
+            else:
+
+                async def attempt(n: int) -> Any:
+                    return await self._call(i, node, ctx, n)
+
+                async def on_retry(n: int, delay: float, error: BaseException) -> None:
+                    _log.warning(
+                        "pipekit.stage.retry_scheduled",
+                        request_id=self.request.id,
+                        pipeline=self.pipeline_name,
+                        stage=node.name,
+                        attempt=n,
+                        delay=delay,
+                        error=repr(error),
+                    )
+                    if emitter is not None:
+                        await emitter.emit(
+                            ev.StageRetrying(
+                                request_id=self.request.id,
+                                pipeline=self.pipeline_name,
+                                timestamp=time.time(),
+                                stage=node.name,
+                                attempt=n,
+                                error=error,
+                                delay=delay,
+                            )
+                        )
+
+                out = await call_with_retry(node.retry, attempt, on_retry)
+        except Exception as exc:
+            self.t1[i] = anyio.current_time()
+            await self._fail(i, exc)
+            return
+        except BaseException:
+            self.t1[i] = anyio.current_time()
+            raise
+        t1 = self.t1[i] = anyio.current_time()
+        self.status[i] = _SUCCEEDED
+        self.output[i] = out
+        self.outputs[node.name] = out
+        if emitter is not None:
+            await emitter.emit(
+                ev.StageSucceeded(
+                    request_id=self.request.id,
+                    pipeline=self.pipeline_name,
+                    timestamp=self._now_wall(t1),
+                    stage=node.name,
+                    attempt=self.attempts[i],
+                    duration=t1 - self.t0[i],
+                )
+            )
+
+    async def _call(self, i: int, node: Node, ctx: StageContext, n: int) -> Any:
+        ctx._attempt = n
+        self.attempts[i] = n
+        coro = self._run_child(i, node, ctx) if node.nested is not None else node.stage.execute(ctx)
+        if node.timeout is None:
+            return await coro
+        with anyio.move_on_after(node.timeout) as scope:
+            return await coro
+        assert scope.cancelled_caught
+        raise StageTimeoutError(node.name, timeout=node.timeout, attempts=n)
+
+    async def _run_child(self, i: int, node: Node, ctx: StageContext) -> Any:
+        assert node.nested is not None
+        child = _Run(node.nested, node.nested.plan(), self.request, self.emitter, parent=self)
+        self.children[i] = child
+        response = await child.run_serialised()
+        if response.error is not None:
+            raise response.error
+        child.store.merge_into_parent(node.name)
+        return dict(response.outputs)
+
+    async def run_serialised(self) -> PipelineResponse:
+        """Run, waiting first for other runs of the same atomic pipeline."""
+        if not self.pipeline.serialised:
+            return await self.run()
+        locks = _atomic_locks.get(None)
+        if locks is None:
+            locks = WeakKeyDictionary()
+            _atomic_locks.set(locks)
+        lock = locks.get(self.pipeline)
+        if lock is None:
+            lock = locks[self.pipeline] = anyio.Lock()
+        async with lock:
+            return await self.run()
+
+    async def _fail(self, i: int, exc: Exception) -> None:
+        node = self.nodes[i]
+        status = Status.TIMED_OUT if isinstance(exc, StageTimeoutError) else _FAILED
+        self.status[i] = status
+        self.error[i] = exc
+        self.blocked[i] = True
+        if not node.continue_on_error and self.stop is None:
+            self.stop = "failed"
+            self.culprit = node.name
+            self.failure = i
+            assert self.tg is not None
+            self.tg.cancel_scope.cancel()
+        _log.warning(
+            "pipekit.stage.failed",
+            request_id=self.request.id,
+            pipeline=self.pipeline_name,
+            stage=node.name,
+            attempt=self.attempts[i],
+            error=repr(exc),
+            continue_on_error=node.continue_on_error,
+        )
+        if self.emitter is not None:
+            with anyio.CancelScope(shield=True):
+                await self._emit(
+                    ev.StageFailed(
+                        request_id=self.request.id,
+                        pipeline=self.pipeline_name,
+                        timestamp=self._now_wall(self.t1[i]),
+                        stage=node.name,
+                        attempt=self.attempts[i],
+                        error=exc,
+                        status=status,
+                        duration=self.t1[i] - self.t0[i],
+                    )
+                )
+
+    # -- finishing ----------------------------------------------------------
+
+    async def _finish(self) -> PipelineResponse:
+        """Settle unfinished stages, compensate if needed, build the response."""
+        stop = self.stop
+        if stop is not None:
+            await self._settle(stop)
+            if self.pipeline.rollback_enabled:
+                with anyio.CancelScope(shield=True):
+                    await self.compensate()
+        return await self._respond()
+
+    async def _settle(self, stop: str) -> None:
+        reason = _interrupted_reason(stop, self.culprit, self.deadline)
+        status = self.status
+        for i, node in enumerate(self.nodes):
+            s = status[i]
+            if s is _RUNNING:
+                status[i] = Status.TIMED_OUT if stop == "timeout" else Status.CANCELLED
+                self.reason[i] = f"interrupted: {reason}"
+                if self.emitter is not None:
+                    with anyio.CancelScope(shield=True):
+                        await self._emit(
+                            ev.StageCancelled(
+                                request_id=self.request.id,
+                                pipeline=self.pipeline_name,
+                                timestamp=self._now_wall(self.t1[i]),
+                                stage=node.name,
+                                attempt=self.attempts[i],
+                                status=status[i],
+                                reason=self.reason[i] or "",
+                            )
+                        )
+            elif s is _PENDING:
+                with anyio.CancelScope(shield=True):
+                    await self._skip(i, f"not started: {reason}", blocked=True)
+
+    def _compensation_order(self) -> dict[int, list[int]]:
+        """Completed, compensable nodes mapped to the ones to undo before each."""
+        nodes = self.nodes
+        todo = {i for i in range(len(nodes)) if self.status[i] is _SUCCEEDED and nodes[i].compensable}
+        reach: dict[int, frozenset[int]] = {}
+
+        def below(j: int) -> frozenset[int]:
+            # Nearest compensable descendants of j, j included when it is one.
+            found = reach.get(j)
+            if found is None:
+                found = frozenset((j,)) if j in todo else frozenset().union(*(below(d) for d in nodes[j].dependents))
+                reach[j] = found
+            return found
+
+        order: dict[int, list[int]] = {}
+        for i in reversed(self.plan.order):
+            if i in todo:
+                order[i] = sorted(frozenset().union(*(below(d) for d in nodes[i].dependents)))
+        return order
+
+    async def compensate(self) -> list[BaseException]:
+        """Roll back completed stages in reverse dependency order.
+
+        A stage is undone only after everything depending on it; independent
+        branches concurrently. Bounded by the pipeline's rollback timeout; the
+        caller shields it. Returns the rollback errors.
+        """
+        order = self._compensation_order()
+        if not order:
+            return []
+        nodes = self.nodes
+        if self.emitter is not None:
+            await self._emit(
+                ev.RollbackStarted(
+                    request_id=self.request.id,
+                    pipeline=self.pipeline_name,
+                    timestamp=time.time(),
+                    stages=tuple(nodes[i].name for i in order),
+                )
+            )
+        done = {i: anyio.Event() for i in order}
+        timeout = self.pipeline.rollback_timeout
+        with anyio.move_on_after(timeout):
+            async with anyio.create_task_group() as tg:
+                for i, before in order.items():
+                    tg.start_soon(self._undo, i, [done[j] for j in before], done[i])
+        errors: list[BaseException] = []
+        for i in order:
+            if not self.rolled_back[i] and self.rollback_error[i] is None:
+                self.rollback_error[i] = TimeoutError(
+                    f"rollback of stage {nodes[i].name!r} did not finish within the {timeout:g}s rollback timeout"
+                )
+                await self._rollback_failed(i)
+            if self.rollback_error[i] is not None:
+                errors.append(self.rollback_error[i])  # type: ignore[arg-type]
+        if self.emitter is not None:
+            await self._emit(
+                ev.RollbackFinished(
+                    request_id=self.request.id,
+                    pipeline=self.pipeline_name,
+                    timestamp=time.time(),
+                    rolled_back=sum(self.rolled_back),
+                    failed=len(errors),
+                )
+            )
+        return errors
+
+    async def _undo(self, i: int, before: list[anyio.Event], done: anyio.Event) -> None:
+        node = self.nodes[i]
+        try:
+            for event in before:
+                await event.wait()
+            try:
+                if node.nested is not None:
+                    child = self.children[i]
+                    errors = await child.compensate()
+                    if errors:
+                        raise RollbackError(f"rollback of nested pipeline {node.name!r} failed", errors)  # type: ignore[arg-type]
+                else:
+                    assert node.rollback is not None
+                    await node.rollback(StageContext(self, node.name, self.attempts[i]))
+            except Exception as exc:
+                self.rollback_error[i] = exc
+                await self._rollback_failed(i)
+            else:
+                self.rolled_back[i] = True
+                self.status[i] = Status.ROLLED_BACK
+                if self.emitter is not None:
+                    await self._emit(
+                        ev.StageRolledBack(
+                            request_id=self.request.id,
+                            pipeline=self.pipeline_name,
+                            timestamp=time.time(),
+                            stage=node.name,
+                            attempt=self.attempts[i],
+                        )
+                    )
+        finally:
+            done.set()
+
+    async def _rollback_failed(self, i: int) -> None:
+        node = self.nodes[i]
+        error = self.rollback_error[i]
+        _log.error(
+            "pipekit.rollback.failed",
+            request_id=self.request.id,
+            pipeline=self.pipeline_name,
+            stage=node.name,
+            error=repr(error),
+            exc_info=error,
+        )
+        if self.emitter is not None:
+            await self._emit(
+                ev.StageRollbackFailed(
+                    request_id=self.request.id,
+                    pipeline=self.pipeline_name,
+                    timestamp=time.time(),
+                    stage=node.name,
+                    attempt=self.attempts[i],
+                    error=error,
+                )
+            )
+
+    def _run_error(self) -> PipekitError | None:
+        stop = self.stop
+        if stop is None:
+            return None
+        if stop == "failed":
+            i = self.failure
+            cause = self.error[i]
+            if isinstance(cause, StageTimeoutError) and cause.stage == self.nodes[i].name:
+                return cause
+            message = None
+            if self.attempts[i] == 0:
+                message = f"stage {self.nodes[i].name!r} failed before it started"
+            elif isinstance(cause, ValidationError):
+                message = f"stage {self.nodes[i].name!r} failed validation: {cause}"
+            error = StageFailedError(self.nodes[i].name, attempts=self.attempts[i], message=message)
+            error.__cause__ = cause
+            return error
+        if stop == "timeout":
+            assert self.deadline is not None
+            return PipelineTimeoutError(self.pipeline_name, timeout=self.deadline, request_id=self.request.id)
+        return PipelineCancelledError(self.pipeline_name, request_id=self.request.id)
+
+    async def _respond(self, error: PipekitError | None = None) -> PipelineResponse:
+        end = anyio.current_time()
+        if error is None:
+            error = self._run_error()
+        rollback_errors = [e for e in self.rollback_error if e is not None]
+        if error is not None and rollback_errors:
+            group = RollbackError(
+                f"{len(rollback_errors)} rollback(s) failed in pipeline {self.pipeline_name!r}",
+                rollback_errors,  # type: ignore[arg-type]
+            )
+            error.rollback_error = group
+            error.add_note(f"rollback also failed: {group}")
+        if error is None:
+            status = _SUCCEEDED
+        elif self.stop == "timeout" or (self.stop == "failed" and isinstance(error, StageTimeoutError)):
+            status = Status.TIMED_OUT
+        elif self.stop == "cancelled":
+            status = Status.CANCELLED
+        else:
+            status = _FAILED
+        keep = error is None or self.pipeline.keeps_partial_outputs
+        wall0, mono0 = self.wall0, self.mono0
+        stages: dict[str, StageResult] = {}
+        for i, node in enumerate(self.nodes):
+            started = self.attempts[i] > 0 or self.t0[i] > 0
+            stages[node.name] = StageResult(
+                name=node.name,
+                status=self.status[i],
+                output=self.output[i] if keep else None,
+                error=self.error[i],
+                attempts=self.attempts[i],
+                started_at=datetime.fromtimestamp(wall0 + self.t0[i] - mono0, UTC) if started else None,
+                finished_at=datetime.fromtimestamp(wall0 + self.t1[i] - mono0, UTC) if started else None,
+                duration=max(self.t1[i] - self.t0[i], 0.0) if started else 0.0,
+                rolled_back=self.rolled_back[i],
+                rollback_error=self.rollback_error[i],
+                reason=self.reason[i],
+            )
+        outputs = types.MappingProxyType(dict(self.outputs) if keep else {})
+        response = PipelineResponse(
+            id=self.request.id,
+            pipeline=self.pipeline_name,
+            status=status,
+            stages=types.MappingProxyType(stages),
+            outputs=outputs,
+            error=error,
+            started_at=datetime.fromtimestamp(wall0, UTC),
+            finished_at=datetime.fromtimestamp(wall0 + end - mono0, UTC),
+            duration=end - mono0,
+            hook_failures=self.emitter.failures if self.emitter is not None else 0,
+        )
+        if self.emitter is not None:
+            with anyio.CancelScope(shield=True):
+                await self._emit(
+                    ev.PipelineFinished(
+                        request_id=self.request.id,
+                        pipeline=self.pipeline_name,
+                        timestamp=self._now_wall(end),
+                        error=error,
+                        status=status,
+                        duration=response.duration,
+                    )
+                )
+        return response
+
+    # -- dry run ------------------------------------------------------------
+
+    async def _finish_dry_run(self) -> PipelineResponse:
+        errors: list[ValidationError] = []
+        for i in self.plan.order:
+            node = self.nodes[i]
+            found = _validate_node(self, node)
+            if found:
+                self.status[i] = _FAILED
+                self.error[i] = (
+                    found[0]
+                    if len(found) == 1
+                    else ValidationError("; ".join(map(str, found)), stage=node.name, errors=found)
+                )
+                errors.extend(found)
+            else:
+                self.status[i] = _SKIPPED
+                self.reason[i] = "dry run"
+        error = None
+        if errors:
+            plural = "problem" if len(errors) == 1 else "problems"
+            error = ValidationError(
+                f"dry run of pipeline {self.pipeline_name!r} found {len(errors)} {plural}: "
+                + "; ".join(str(e) for e in errors),
+                errors=errors,
+            )
+            self.stop = "failed"
+        return await self._respond(error)
+
+
+def _validate_node(run: _RunView, node: Node) -> list[ValidationError]:
+    """Call one stage's validate, flattening aggregated errors."""
+    if node.validate is None:
+        return []
+    try:
+        node.validate(StageContext(run, node.name))
+    except ValidationError as exc:
+        if exc.errors:
+            return list(exc.errors)
+        if exc.stage is None:
+            exc.stage = node.name
+        if not str(exc).startswith(f"stage {node.name!r}"):
+            wrapped = ValidationError(f"stage {node.name!r}: {exc}", stage=node.name)
+            wrapped.__cause__ = exc
+            return [wrapped]
+        return [exc]
+    except Exception as exc:
+        wrapped = ValidationError(f"stage {node.name!r}: validate raised {type(exc).__name__}: {exc}", stage=node.name)
+        wrapped.__cause__ = exc
+        return [wrapped]
+    return []
+
+
+def collect_validation_errors(pipeline: Pipeline, ctx: StageContext) -> list[ValidationError]:
+    """Validate every stage of ``pipeline`` as seen from ``ctx`` (a nesting stage)."""
+    parent = ctx._run
+    try:
+        plan = pipeline.plan()
+    except PipelineDefinitionError as exc:
+        return [ValidationError(str(exc), stage=pipeline.name)]
+    view = _Run(pipeline, plan, parent.request, None, parent=parent if isinstance(parent, _Run) else None)
+    errors: list[ValidationError] = []
+    for i in plan.order:
+        errors.extend(_validate_node(view, plan.nodes[i]))
+    return errors
+
+
+async def execute_pipeline(
+    pipeline: Pipeline,
+    request: PipelineRequest,
+    *,
+    hooks: Sequence[Hook] = (),
+    listeners: Sequence[Callable[[ev.Event], None]] = (),
+    on_hook_failure: Callable[[], None] | None = None,
+    on_start: Callable[[_Run], None] | None = None,
+) -> PipelineResponse:
+    """Run ``pipeline`` for ``request`` and return the response (the public entry point)."""
+    plan = pipeline.plan()
+    all_hooks = (*pipeline.hooks, *hooks)
+    emitter = Emitter(all_hooks, listeners, on_hook_failure) if (all_hooks or listeners) else None
+    run = _Run(pipeline, plan, request, emitter)
+    if on_start is not None:
+        on_start(run)
+    return await run.run_serialised()
+
+
+async def run_nested(pipeline: Pipeline, ctx: StageContext) -> Mapping[str, Any]:
+    """Run ``pipeline`` as a stage of the run ``ctx`` belongs to."""
+    parent = ctx._run
+    if not isinstance(parent, _Run):  # pragma: no cover - contexts come from runs
+        raise TypeError("a nested pipeline needs a context made by pipekit")
+    child = _Run(pipeline, pipeline.plan(), parent.request, parent.emitter, parent=parent)
+    response = await child.run_serialised()
+    if response.error is not None:
+        raise response.error
+    child.store.merge_into_parent(ctx.stage)
+    return dict(response.outputs)
