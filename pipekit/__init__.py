@@ -96,6 +96,7 @@ __all__ = (
     "StageSucceeded",
     "StageTimeoutError",
     "Status",
+    "Validates",
     "ValidationError",
     "WorkflowPipeline",
     "run",

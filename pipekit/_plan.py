@@ -83,7 +83,9 @@ class Node:
         self.group = entry.group
         self.limit = entry.limit
         self.nested: Pipeline | None = stage if isinstance(stage, Pipeline) else None
-        self.validate: ValidateFunction | None = find_validate(stage)
+        # A nested pipeline validates each inner stage itself, right before it
+        # runs; only dry runs validate it as a whole (see _run._validate_node).
+        self.validate: ValidateFunction | None = None if self.nested is not None else find_validate(stage)
         self.rollback: RollbackFunction | None = None if self.nested is not None else find_rollback(stage)
         self.deps: tuple[int, ...] = ()
         self.dependents: tuple[int, ...] = ()

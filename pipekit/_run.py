@@ -757,6 +757,8 @@ class _Run(_RunView):
 
 def _validate_node(run: _RunView, node: Node) -> list[ValidationError]:
     """Call one stage's validate, flattening aggregated errors."""
+    if node.nested is not None:
+        return collect_validation_errors(node.nested, StageContext(run, node.name))
     if node.validate is None:
         return []
     try:
