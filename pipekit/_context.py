@@ -83,6 +83,11 @@ class _Store:
         parent = self.parent
         if parent is None:  # pragma: no cover - only child stores are merged
             return
+        # All or nothing: check every key before writing any.
+        for name in self.values:
+            other = parent.writers.get(name)
+            if other is not None and other != stage and parent.concurrent(other, stage):
+                raise ContextConflictError(name, stage=stage, other=other)
         for name, value in self.values.items():
             parent.write(name, value, stage)
 

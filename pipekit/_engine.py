@@ -259,14 +259,33 @@ class Engine:
     async def _actor(self, receive: MemoryObjectReceiveStream[ExecutionHandle]) -> None:
         assert self._tg is not None
         assert self._slots is not None
+        held: ExecutionHandle | None = None
         async with receive:
-            async for handle in receive:
-                await self._slots.acquire()
-                if handle._claimed:  # cancelled while queued
-                    self._slots.release()
-                    continue
-                handle._claimed = True
-                self._tg.start_soon(self._run_handle, handle)
+            try:
+                async for handle in receive:
+                    held = handle
+                    await self._slots.acquire()
+                    held = None
+                    if handle._claimed:  # cancelled while queued
+                        self._slots.release()
+                        continue
+                    handle._claimed = True
+                    self._tg.start_soon(self._run_handle, handle)
+            finally:
+                # Cancelled (the owner gave up): settle everything still queued
+                # as CANCELLED, so no handle waits forever.
+                queued = [held] if held is not None else []
+                while True:
+                    try:
+                        queued.append(receive.receive_nowait())
+                    except (anyio.WouldBlock, anyio.EndOfStream):
+                        break
+                with anyio.CancelScope(shield=True):
+                    for handle in queued:
+                        if not handle._claimed:
+                            handle._claimed = True
+                            handle._cancel_requested = True
+                            await self._run_handle(handle, take_slot=False)
 
     async def _run_handle(self, handle: ExecutionHandle, *, take_slot: bool = True) -> None:
         tally = self._tally(handle.pipeline.name)

@@ -55,7 +55,7 @@ class EventLog:
             wake.set()
 
     def stream(self, *, from_start: bool) -> EventStream:
-        return EventStream(self, self._base if from_start else self.end)
+        return EventStream(self, 0 if from_start else self.end)
 
     async def _wait_beyond(self, cursor: int) -> None:
         while cursor >= self.end and not self.closed:

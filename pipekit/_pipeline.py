@@ -293,17 +293,21 @@ class Pipeline:
         """
         return attrs.evolve(self, timeout=_check_seconds("pipeline timeout", seconds))
 
-    def with_rollback(self, enabled: bool = True, *, timeout: float = 60.0) -> Self:
+    def with_rollback(self, enabled: bool = True, *, timeout: float | None = None) -> Self:
         """Return a new pipeline with rollback on failure switched on or off.
 
         Args:
             enabled: Compensate completed stages when the run fails, times out
                 or is cancelled (on by default).
-            timeout: Seconds the whole compensation may take.
+            timeout: Seconds the whole compensation may take (60 unless set;
+                None keeps the current value).
         """
         checked = _check_seconds("rollback timeout", timeout)
-        assert checked is not None
-        return attrs.evolve(self, rollback_enabled=bool(enabled), rollback_timeout=checked)
+        return attrs.evolve(
+            self,
+            rollback_enabled=bool(enabled),
+            rollback_timeout=self.rollback_timeout if checked is None else checked,
+        )
 
     def with_hooks(self, *hooks: Hook) -> Self:
         """Return a new pipeline that awaits each hook with every event of its runs.
@@ -422,7 +426,7 @@ class AtomicPipeline(Pipeline):
 
     Runs of the same atomic pipeline value are serialised (one at a time), and
     the response of a failed run carries no partial outputs. Rollback cannot
-    be switched off.
+    be switched off. No stage may use ``continue_on_error``.
     """
 
     @property
@@ -433,7 +437,16 @@ class AtomicPipeline(Pipeline):
     def keeps_partial_outputs(self) -> bool:
         return False
 
-    def with_rollback(self, enabled: bool = True, *, timeout: float = 60.0) -> Self:
+    def _with_entries(self, new: Sequence[Entry]) -> Self:
+        for e in new:
+            if e.continue_on_error:
+                raise PipelineDefinitionError(
+                    f"atomic pipeline {self.name!r}: stage {e.name!r} cannot use continue_on_error; "
+                    "any failure rolls an atomic pipeline back"
+                )
+        return super()._with_entries(new)
+
+    def with_rollback(self, enabled: bool = True, *, timeout: float | None = None) -> Self:
         """Set the rollback timeout; rollback itself cannot be switched off here.
 
         Raises:

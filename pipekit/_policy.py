@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -90,13 +91,14 @@ class RetryPolicy:
         """The delay after failed attempt ``attempt`` (1-based), without jitter."""
         return min(self.initial_delay * self.multiplier ** (attempt - 1), self.max_delay)
 
-    def _wait(self) -> _t.wait.wait_base:
-        return _t.wait_exponential_jitter(
-            initial=self.initial_delay,
-            max=self.max_delay,
-            exp_base=self.multiplier,
-            jitter=self.jitter,
-        )
+    def _wait(self) -> Callable[[_t.RetryCallState], float]:
+        exponential = _t.wait_exponential(multiplier=self.initial_delay, exp_base=self.multiplier, max=self.max_delay)
+        jitter, cap = self.jitter, self.max_delay
+
+        def wait(state: _t.RetryCallState) -> float:
+            return min(exponential(state) + random.uniform(0, jitter), cap)
+
+        return wait
 
 
 def ExponentialBackoff(  # noqa: N802 - reads as a policy name, like the spec says

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from weakref import WeakKeyDictionary
 
 import anyio
+import anyio.lowlevel
 import structlog
 from anyio.lowlevel import RunVar
 
@@ -76,6 +77,17 @@ class Emitter:
         self.failures = 0
         self.on_hook_failure = on_hook_failure
 
+    def extend(self, hooks: Sequence[Hook]) -> Emitter:
+        """An emitter that also awaits ``hooks`` (a nested pipeline's own); failures count here too."""
+        if not hooks:
+            return self
+        return Emitter((*self.hooks, *hooks), self.listeners, self._failed)
+
+    def _failed(self) -> None:
+        self.failures += 1
+        if self.on_hook_failure is not None:
+            self.on_hook_failure()
+
     async def emit(self, event: ev.Event) -> None:
         for listener in self.listeners:
             listener(event)
@@ -84,9 +96,7 @@ class Emitter:
                 with anyio.fail_after(HOOK_TIMEOUT):
                     await hook(event)
             except Exception:
-                self.failures += 1
-                if self.on_hook_failure is not None:
-                    self.on_hook_failure()
+                self._failed()
                 _log.exception(
                     "pipekit.hook.failed",
                     hook=getattr(hook, "__qualname__", repr(hook)),
@@ -232,12 +242,15 @@ class _Run(_RunView):
             return await self._finish_dry_run()
         limits = [t for t in (pipeline.timeout, request.options.timeout) if t is not None]
         self.deadline = min(limits) if limits else None
+        if self.cancel_requested:
+            # Cancelled while queued: settle without starting any stage.
+            self.stop = "cancelled"
+            self.response = await self._finish()
+            return self.response
         cancelled_exc = anyio.get_cancelled_exc_class()
         try:
             with anyio.CancelScope() as scope:
                 self.run_scope = scope
-                if self.cancel_requested:
-                    scope.cancel()
                 if self.deadline is not None:
                     scope.deadline = self.mono0 + self.deadline
                 async with anyio.create_task_group() as tg:
@@ -256,17 +269,22 @@ class _Run(_RunView):
                 self.response = await self._finish()
             raise
         self.response = await self._finish()
+        # A caller cancelled while the shielded rollback ran learns it now.
+        await anyio.lowlevel.checkpoint_if_cancelled()
         return self.response
 
     async def _drive(self, i: int) -> None:
         """Run node ``i``, then keep going inline with one newly ready dependent."""
-        while True:
+        while not self._stopping():
             await self._run_node(i)
-            if self.stop is not None:
+            if self._stopping():
                 return
             i = await self._release(i)
             if i < 0:
                 return
+
+    def _stopping(self) -> bool:
+        return self.stop is not None
 
     async def _release(self, i: int) -> int:
         """Count node ``i`` as done for its dependents; start the ones now ready.
@@ -420,13 +438,9 @@ class _Run(_RunView):
 
     async def _run_child(self, i: int, node: Node, ctx: StageContext) -> Any:
         assert node.nested is not None
-        child = _Run(node.nested, node.nested.plan(), self.request, self.emitter, parent=self)
+        child = _Run(node.nested, node.nested.plan(), self.request, _child_emitter(self, node.nested), parent=self)
         self.children[i] = child
-        response = await child.run_serialised()
-        if response.error is not None:
-            raise response.error
-        child.store.merge_into_parent(node.name)
-        return dict(response.outputs)
+        return await _finish_child(child, node.name)
 
     async def run_serialised(self) -> PipelineResponse:
         """Run, waiting first for other runs of the same atomic pipeline."""
@@ -444,7 +458,9 @@ class _Run(_RunView):
 
     async def _fail(self, i: int, exc: Exception) -> None:
         node = self.nodes[i]
-        status = Status.TIMED_OUT if isinstance(exc, StageTimeoutError) else _FAILED
+        # TIMED_OUT only for this stage's own timeout; a nested pipeline whose
+        # inner stage timed out failed.
+        status = Status.TIMED_OUT if isinstance(exc, StageTimeoutError) and exc.stage == node.name else _FAILED
         self.status[i] = status
         self.error[i] = exc
         self.blocked[i] = True
@@ -680,6 +696,19 @@ class _Run(_RunView):
             status = Status.CANCELLED
         else:
             status = _FAILED
+        duration = end - self.mono0
+        if self.emitter is not None:
+            with anyio.CancelScope(shield=True):
+                await self._emit(
+                    ev.PipelineFinished(
+                        request_id=self.request.id,
+                        pipeline=self.pipeline_name,
+                        timestamp=self._now_wall(end),
+                        error=error,
+                        status=status,
+                        duration=duration,
+                    )
+                )
         keep = error is None or self.pipeline.keeps_partial_outputs
         wall0, mono0 = self.wall0, self.mono0
         stages: dict[str, StageResult] = {}
@@ -708,21 +737,9 @@ class _Run(_RunView):
             error=error,
             started_at=datetime.fromtimestamp(wall0, UTC),
             finished_at=datetime.fromtimestamp(wall0 + end - mono0, UTC),
-            duration=end - mono0,
+            duration=duration,
             hook_failures=self.emitter.failures if self.emitter is not None else 0,
         )
-        if self.emitter is not None:
-            with anyio.CancelScope(shield=True):
-                await self._emit(
-                    ev.PipelineFinished(
-                        request_id=self.request.id,
-                        pipeline=self.pipeline_name,
-                        timestamp=self._now_wall(end),
-                        error=error,
-                        status=status,
-                        duration=response.duration,
-                    )
-                )
         return response
 
     # -- dry run ------------------------------------------------------------
@@ -753,6 +770,12 @@ class _Run(_RunView):
             )
             self.stop = "failed"
         return await self._respond(error)
+
+
+def _child_emitter(parent: _Run, nested: Pipeline) -> Emitter | None:
+    if parent.emitter is not None:
+        return parent.emitter.extend(nested.hooks)
+    return Emitter(nested.hooks) if nested.hooks else None
 
 
 def _validate_node(run: _RunView, node: Node) -> list[ValidationError]:
@@ -818,9 +841,22 @@ async def run_nested(pipeline: Pipeline, ctx: StageContext) -> Mapping[str, Any]
     parent = ctx._run
     if not isinstance(parent, _Run):  # pragma: no cover - contexts come from runs
         raise TypeError("a nested pipeline needs a context made by pipekit")
-    child = _Run(pipeline, pipeline.plan(), parent.request, parent.emitter, parent=parent)
+    child = _Run(pipeline, pipeline.plan(), parent.request, _child_emitter(parent, pipeline), parent=parent)
+    return await _finish_child(child, ctx.stage)
+
+
+async def _finish_child(child: _Run, stage: str) -> dict[str, Any]:
+    """Run a nested pipeline and hand its context writes to the parent."""
     response = await child.run_serialised()
     if response.error is not None:
         raise response.error
-    child.store.merge_into_parent(ctx.stage)
+    try:
+        child.store.merge_into_parent(stage)
+    except Exception:
+        # The nested run succeeded but its results cannot be kept: undo it, as
+        # the nesting stage now counts as failed.
+        if child.pipeline.rollback_enabled:
+            with anyio.CancelScope(shield=True):
+                await child.compensate()
+        raise
     return dict(response.outputs)
