@@ -1,0 +1,597 @@
+"""Building pipelines: immutable values, unique names, dependencies, options and nesting."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import anyio
+import anyio.lowlevel
+import attrs
+import pytest
+
+import pipekit as pk
+
+
+def make_stage(name: str, output: Any = None, *, log: list[str] | None = None) -> pk.FunctionStage:
+    """A stage named ``name`` that returns ``output`` and appends its name to ``log``."""
+
+    async def execute(ctx: pk.StageContext) -> Any:
+        if log is not None:
+            log.append(ctx.stage)
+        return output
+
+    return pk.stage(name=name)(execute)
+
+
+class FakeSleep:
+    """A retry sleep that records the delays and never waits."""
+
+    def __init__(self) -> None:
+        self.delays: list[float] = []
+
+    async def __call__(self, seconds: float) -> None:
+        self.delays.append(float(seconds))
+        await anyio.lowlevel.checkpoint()
+
+
+class TestImmutability:
+    """Every builder returns a new pipeline and leaves the old one unchanged."""
+
+    def test_add_stage_returns_new_pipeline(self) -> None:
+        """add_stage returns a different pipeline; the original has no stages."""
+        empty = pk.Pipeline("p")
+        one = empty.add_stage(make_stage("a"))
+        assert one is not empty
+        assert empty.stage_names == ()
+        assert one.stage_names == ("a",)
+
+    def test_add_conditional_stage_returns_new_pipeline(self) -> None:
+        """add_conditional_stage leaves the original pipeline without the stage."""
+        base = pk.Pipeline("p").add_stage(make_stage("a"))
+        more = base.add_conditional_stage(make_stage("b"), lambda ctx: True)
+        assert base.stage_names == ("a",)
+        assert more.stage_names == ("a", "b")
+
+    def test_add_parallel_stages_returns_new_pipeline(self) -> None:
+        """add_parallel_stages leaves the original pipeline without the group."""
+        base = pk.Pipeline("p")
+        more = base.add_parallel_stages(make_stage("a"), make_stage("b"), limit=1)
+        assert base.stage_names == ()
+        assert more.stage_names == ("a", "b")
+
+    def test_policy_builders_return_new_pipelines(self) -> None:
+        """with_retry/with_timeout/with_rollback/with_hooks never change the original."""
+        base = pk.Pipeline("p").add_stage(make_stage("a"))
+        policy = pk.RetryPolicy(max_attempts=2)
+
+        async def hook(event: pk.Event) -> None:
+            return None
+
+        retried = base.with_retry(policy)
+        timed = base.with_timeout(5)
+        no_rollback = base.with_rollback(False, timeout=3)
+        hooked = base.with_hooks(hook)
+        assert (base.retry, base.timeout, base.rollback_enabled, base.rollback_timeout, base.hooks) == (
+            None,
+            None,
+            True,
+            60.0,
+            (),
+        )
+        assert retried.retry is policy
+        assert timed.timeout == 5.0
+        assert (no_rollback.rollback_enabled, no_rollback.rollback_timeout) == (False, 3.0)
+        assert hooked.hooks == (hook,)
+        assert all(p is not base for p in (retried, timed, no_rollback, hooked))
+
+    def test_replace_stage_returns_new_pipeline(self) -> None:
+        """replace_stage leaves the original pipeline holding the old stage."""
+        old_stage = make_stage("a", 1)
+        base = pk.Pipeline("p").add_stage(old_stage)
+        replaced = base.replace_stage("a", make_stage("a", 2))
+        assert replaced is not base
+        assert base.entries[0].stage is old_stage
+        assert replaced.entries[0].stage is not old_stage
+
+    def test_attributes_cannot_be_assigned(self) -> None:
+        """A pipeline is frozen: assigning an attribute raises."""
+        pipeline = pk.Pipeline("p")
+        with pytest.raises(attrs.exceptions.FrozenInstanceError):
+            pipeline.name = "q"  # type: ignore[misc]
+
+    async def test_branches_from_one_base_are_independent(self) -> None:
+        """Two pipelines built from one base each run only their own stages."""
+        log: list[str] = []
+        base = pk.Pipeline("p").add_stage(make_stage("a", log=log))
+        left = base.add_stage(make_stage("b", log=log))
+        right = base.add_stage(make_stage("c", log=log))
+        assert (await left.execute()).ok
+        assert (await right.execute()).ok
+        assert (await base.execute()).ok
+        assert log == ["a", "b", "a", "c", "a"]
+
+
+class TestStageNames:
+    """Stage names: order, uniqueness and validity."""
+
+    def test_stage_names_in_order_added(self) -> None:
+        """stage_names lists every stage in the order it was added, groups included."""
+        pipeline = (
+            pk.Pipeline("p")
+            .add_stage(make_stage("a"))
+            .add_parallel_stages(make_stage("b"), make_stage("c"))
+            .add_conditional_stage(make_stage("d"), lambda ctx: True)
+        )
+        assert pipeline.stage_names == ("a", "b", "c", "d")
+
+    def test_duplicate_name_rejected(self) -> None:
+        """Adding a second stage with a used name raises PipelineDefinitionError naming it."""
+        pipeline = pk.Pipeline("p").add_stage(make_stage("fetch"))
+        with pytest.raises(pk.PipelineDefinitionError, match="'fetch'"):
+            pipeline.add_stage(make_stage("fetch"))
+
+    def test_duplicate_name_within_parallel_group_rejected(self) -> None:
+        """Two stages of one parallel group cannot share a name."""
+        with pytest.raises(pk.PipelineDefinitionError, match="'x'"):
+            pk.Pipeline("p").add_parallel_stages(make_stage("x"), make_stage("x"))
+
+    def test_duplicate_of_nested_pipeline_name_rejected(self) -> None:
+        """A nested pipeline's name counts as a stage name."""
+        inner = pk.Pipeline("inner").add_stage(make_stage("a"))
+        outer = pk.Pipeline("outer").add_stage(make_stage("inner"))
+        with pytest.raises(pk.PipelineDefinitionError, match="'inner'"):
+            outer.add_stage(inner)
+
+    def test_definition_error_is_value_error(self) -> None:
+        """PipelineDefinitionError is a PipekitError and a ValueError."""
+        with pytest.raises(pk.PipelineDefinitionError) as info:
+            pk.Pipeline("p").add_stage(make_stage("a")).add_stage(make_stage("a"))
+        assert isinstance(info.value, pk.PipekitError)
+        assert isinstance(info.value, ValueError)
+
+    def test_empty_pipeline_name_rejected(self) -> None:
+        """A pipeline needs a non-empty name."""
+        with pytest.raises(pk.PipelineDefinitionError, match="name"):
+            pk.Pipeline("")
+
+    def test_stage_without_name_rejected(self) -> None:
+        """An object without a string name is not a stage."""
+
+        class Nameless:
+            async def execute(self, ctx: pk.StageContext) -> None:
+                return None
+
+        with pytest.raises(pk.PipelineDefinitionError, match="name"):
+            pk.Pipeline("p").add_stage(Nameless())  # type: ignore[arg-type]
+
+    def test_stage_without_execute_rejected(self) -> None:
+        """An object without execute() is not a stage, and the message names it."""
+
+        class Lazy:
+            name = "lazy"
+
+        with pytest.raises(pk.PipelineDefinitionError, match=r"'lazy'.*execute"):
+            pk.Pipeline("p").add_stage(Lazy())  # type: ignore[arg-type]
+
+
+class TestDependsOn:
+    """Explicit dependencies, unknown names, self-dependencies and cycles."""
+
+    def test_unknown_dependency_allowed_while_building(self) -> None:
+        """A forward reference is accepted by add_stage (the stage may come later)."""
+        pipeline = pk.Pipeline("p").add_stage(make_stage("b"), depends_on=("a",))
+        assert pipeline.stage_names == ("b",)
+
+    def test_unknown_dependency_rejected_by_check(self) -> None:
+        """check() names the unknown dependency and the stage that declared it."""
+        pipeline = pk.Pipeline("p").add_stage(make_stage("a")).add_stage(make_stage("b"), depends_on=("ghost",))
+        with pytest.raises(pk.PipelineDefinitionError, match="'ghost'") as info:
+            pipeline.check()
+        assert "'b'" in str(info.value)
+
+    def test_every_unknown_dependency_named(self) -> None:
+        """All unknown dependencies are named in one error, not just the first."""
+        pipeline = (
+            pk.Pipeline("p")
+            .add_stage(make_stage("a"), depends_on=("ghost1",))
+            .add_stage(make_stage("b"), depends_on=("ghost2",))
+        )
+        with pytest.raises(pk.PipelineDefinitionError) as info:
+            pipeline.check()
+        assert "'ghost1'" in str(info.value)
+        assert "'ghost2'" in str(info.value)
+
+    async def test_unknown_dependency_rejected_by_execute_before_running(self) -> None:
+        """execute() raises PipelineDefinitionError naming the unknown stage before any stage runs."""
+        log: list[str] = []
+        pipeline = pk.Pipeline("p").add_stage(make_stage("a", log=log)).add_stage(make_stage("b"), depends_on=("nope",))
+        with pytest.raises(pk.PipelineDefinitionError, match="'nope'"):
+            await pipeline.execute()
+        assert log == []
+
+    async def test_forward_reference_resolved(self) -> None:
+        """A stage may depend on one added after it; the dependency still runs first."""
+        log: list[str] = []
+        pipeline = (
+            pk.Pipeline("p")
+            .add_stage(make_stage("b", log=log), depends_on=("a",))
+            .add_stage(make_stage("a", log=log), depends_on=())
+        )
+        response = await pipeline.execute()
+        assert response.ok
+        assert log == ["a", "b"]
+
+    async def test_single_string_dependency(self) -> None:
+        """depends_on may be a single stage name."""
+        log: list[str] = []
+        pipeline = (
+            pk.Pipeline("p")
+            .add_stage(make_stage("b", log=log), depends_on="a")
+            .add_stage(make_stage("a", log=log), depends_on=())
+        )
+        assert (await pipeline.execute()).ok
+        assert log == ["a", "b"]
+
+    def test_self_dependency_rejected(self) -> None:
+        """A stage depending on itself is rejected with the cycle a -> a."""
+        with pytest.raises(pk.PipelineDefinitionError, match="a -> a"):
+            pk.Pipeline("p").add_stage(make_stage("a"), depends_on=("a",))
+
+    def test_non_string_dependency_rejected(self) -> None:
+        """depends_on takes names, not stages."""
+        a = make_stage("a")
+        with pytest.raises(pk.PipelineDefinitionError, match="depends_on"):
+            pk.Pipeline("p").add_stage(a).add_stage(make_stage("b"), depends_on=(a,))  # type: ignore[arg-type]
+
+    def test_two_stage_cycle_rejected_when_closed(self) -> None:
+        """The add_stage that closes a cycle raises, naming it a -> b -> a."""
+        open_ = pk.Pipeline("p").add_stage(make_stage("a"), depends_on=("b",))
+        with pytest.raises(pk.PipelineDefinitionError, match="a -> b -> a"):
+            open_.add_stage(make_stage("b"), depends_on=("a",))
+
+    def test_cycle_through_default_dependency_rejected(self) -> None:
+        """A stage that by default follows one depending on it closes a cycle."""
+        open_ = pk.Pipeline("p").add_stage(make_stage("a"), depends_on=("b",))
+        with pytest.raises(pk.PipelineDefinitionError, match="a -> b -> a"):
+            open_.add_stage(make_stage("b"))
+
+    def test_three_stage_cycle_named(self) -> None:
+        """A longer cycle is named in full, each stage once, the first repeated at the end."""
+        open_ = pk.Pipeline("p").add_stage(make_stage("a"), depends_on=("c",)).add_stage(make_stage("b"))
+        with pytest.raises(pk.PipelineDefinitionError) as info:
+            open_.add_stage(make_stage("c"))
+        rotations = ("a -> c -> b -> a", "c -> b -> a -> c", "b -> a -> c -> b")
+        assert any(r in str(info.value) for r in rotations), str(info.value)
+
+    def test_cycle_through_parallel_group_rejected(self) -> None:
+        """A parallel group closing a cycle is rejected when it is added."""
+        open_ = pk.Pipeline("p").add_stage(make_stage("a"), depends_on=("y",))
+        with pytest.raises(pk.PipelineDefinitionError, match="cycle"):
+            open_.add_parallel_stages(make_stage("x"), make_stage("y"))
+
+    async def test_pipeline_before_the_cycle_stays_usable(self) -> None:
+        """A rejected add_stage leaves the earlier value as it was."""
+        base = pk.Pipeline("p").add_stage(make_stage("a", 1)).add_stage(make_stage("b", 2), depends_on=("a",))
+        with pytest.raises(pk.PipelineDefinitionError):
+            base.add_stage(make_stage("c"), depends_on=("c",))
+        response = await base.execute()
+        assert dict(response.outputs) == {"a": 1, "b": 2}
+
+
+class TestOptions:
+    """Invalid options are rejected with messages saying what is wrong."""
+
+    @pytest.mark.parametrize("timeout", [-1, 0, -0.5, math.nan])
+    def test_bad_stage_timeout_rejected(self, timeout: float) -> None:
+        """A stage timeout must be a positive number; the message names the stage and the value."""
+        with pytest.raises(pk.PipelineDefinitionError, match=r"'a'.*timeout") as info:
+            pk.Pipeline("p").add_stage(make_stage("a"), timeout=timeout)
+        assert repr(timeout) in str(info.value)
+
+    def test_bool_timeout_rejected(self) -> None:
+        """True is not a number of seconds."""
+        with pytest.raises(pk.PipelineDefinitionError, match="timeout"):
+            pk.Pipeline("p").add_stage(make_stage("a"), timeout=True)
+
+    @pytest.mark.parametrize("seconds", [-1, 0, math.nan])
+    def test_bad_pipeline_timeout_rejected(self, seconds: float) -> None:
+        """with_timeout rejects a non-positive number of seconds."""
+        with pytest.raises(pk.PipelineDefinitionError, match="timeout"):
+            pk.Pipeline("p").with_timeout(seconds)
+
+    def test_pipeline_timeout_cleared_with_none(self) -> None:
+        """with_timeout(None) removes the whole-run timeout."""
+        assert pk.Pipeline("p").with_timeout(2).with_timeout(None).timeout is None
+
+    @pytest.mark.parametrize("limit", [0, -1, 1.5, True, "2"])
+    def test_bad_parallel_limit_rejected(self, limit: Any) -> None:
+        """The parallel limit must be an integer >= 1; the message shows the value."""
+        with pytest.raises(pk.PipelineDefinitionError, match="limit") as info:
+            pk.Pipeline("p").add_parallel_stages(make_stage("a"), make_stage("b"), limit=limit)
+        assert repr(limit) in str(info.value)
+
+    def test_empty_parallel_group_rejected(self) -> None:
+        """add_parallel_stages needs at least one stage."""
+        with pytest.raises(pk.PipelineDefinitionError, match="at least one"):
+            pk.Pipeline("p").add_parallel_stages()
+
+    def test_non_policy_retry_rejected(self) -> None:
+        """retry= takes a RetryPolicy; the message names the stage and the type wanted."""
+        with pytest.raises(pk.PipelineDefinitionError, match=r"'a'.*RetryPolicy"):
+            pk.Pipeline("p").add_stage(make_stage("a"), retry=3)  # type: ignore[arg-type]
+
+    def test_non_policy_retry_rejected_for_parallel_stages(self) -> None:
+        """retry= on a parallel group is checked too."""
+        with pytest.raises(pk.PipelineDefinitionError, match="RetryPolicy"):
+            pk.Pipeline("p").add_parallel_stages(make_stage("a"), retry={"max_attempts": 3})  # type: ignore[arg-type]
+
+    def test_non_policy_with_retry_rejected(self) -> None:
+        """with_retry takes a RetryPolicy."""
+        with pytest.raises(pk.PipelineDefinitionError, match="RetryPolicy"):
+            pk.Pipeline("p").with_retry("three times")  # type: ignore[arg-type]
+
+    def test_non_callable_condition_rejected(self) -> None:
+        """when= must be callable."""
+        with pytest.raises(pk.PipelineDefinitionError, match="when"):
+            pk.Pipeline("p").add_conditional_stage(make_stage("a"), True)  # type: ignore[arg-type]
+
+    def test_bad_rollback_timeout_rejected(self) -> None:
+        """The rollback timeout must be positive."""
+        with pytest.raises(pk.PipelineDefinitionError, match="rollback timeout"):
+            pk.Pipeline("p").with_rollback(timeout=-5)
+
+    def test_non_callable_hook_rejected(self) -> None:
+        """with_hooks takes callables."""
+        with pytest.raises(pk.PipelineDefinitionError, match="hooks"):
+            pk.Pipeline("p").with_hooks("not a hook")  # type: ignore[arg-type]
+
+    def test_valid_options_stored(self) -> None:
+        """Valid options are kept on the entry as given."""
+        policy = pk.RetryPolicy(max_attempts=4)
+        pipeline = pk.Pipeline("p").add_stage(make_stage("a"), retry=policy, timeout=2, continue_on_error=True)
+        entry = pipeline.entries[0]
+        assert (entry.retry, entry.timeout, entry.continue_on_error) == (policy, 2.0, True)
+
+
+class TestReplaceStage:
+    """replace_stage swaps a stage in place, keeping its position and policies."""
+
+    async def test_replacement_runs(self) -> None:
+        """The new pipeline runs the replacement; the old one still runs the original."""
+        base = pk.Pipeline("p").add_stage(make_stage("a", "real")).add_stage(make_stage("b", "b"))
+        assert (await base.execute()).outputs["a"] == "real"
+        mocked = base.replace_stage("a", make_stage("a", "mock"))
+        assert (await mocked.execute()).outputs["a"] == "mock"
+        assert (await base.execute()).outputs["a"] == "real"
+
+    async def test_keeps_position_and_dependencies(self) -> None:
+        """The replacement keeps the original's place in the order and its dependencies."""
+        log: list[str] = []
+        base = (
+            pk.Pipeline("p")
+            .add_stage(make_stage("c", log=log), depends_on=("b",))
+            .add_stage(make_stage("a", log=log), depends_on=())
+            .add_stage(make_stage("b", log=log), depends_on=("a",))
+        )
+        replaced = base.replace_stage("b", make_stage("b", log=log))
+        assert replaced.stage_names == ("c", "a", "b")
+        assert replaced.entries[2].depends_on == ("a",)
+        assert (await replaced.execute()).ok
+        assert log == ["a", "b", "c"]
+
+    async def test_keeps_retry_policy(self) -> None:
+        """The replacement is retried with the policy given to the original."""
+        sleep = FakeSleep()
+        policy = pk.RetryPolicy(max_attempts=3, jitter=0, sleep=sleep)
+        base = pk.Pipeline("p").add_stage(make_stage("flaky"), retry=policy)
+
+        async def flaky(ctx: pk.StageContext) -> str:
+            if ctx.attempt < 3:
+                raise RuntimeError(f"attempt {ctx.attempt}")
+            return "done"
+
+        response = await base.replace_stage("flaky", pk.stage(name="flaky")(flaky)).execute()
+        assert response.ok
+        assert response.stages["flaky"].attempts == 3
+        assert len(sleep.delays) == 2
+
+    def test_unknown_name_rejected(self) -> None:
+        """Replacing a stage that does not exist raises, naming it."""
+        with pytest.raises(pk.PipelineDefinitionError, match="'missing'"):
+            pk.Pipeline("p").add_stage(make_stage("a")).replace_stage("missing", make_stage("missing"))
+
+    def test_different_name_rejected(self) -> None:
+        """The replacement must have the same name as the stage it replaces."""
+        with pytest.raises(pk.PipelineDefinitionError, match=r"'a'.*'b'"):
+            pk.Pipeline("p").add_stage(make_stage("a")).replace_stage("a", make_stage("b"))
+
+
+class TestAtomicPipeline:
+    """AtomicPipeline always rolls back."""
+
+    def test_with_rollback_false_rejected(self) -> None:
+        """Switching rollback off on an atomic pipeline raises PipelineDefinitionError."""
+        with pytest.raises(pk.PipelineDefinitionError, match="atomic"):
+            pk.AtomicPipeline("tx").with_rollback(False)
+
+    def test_with_rollback_true_sets_timeout(self) -> None:
+        """with_rollback(True, timeout=...) is allowed and keeps rollback on."""
+        pipeline = pk.AtomicPipeline("tx").with_rollback(True, timeout=5)
+        assert isinstance(pipeline, pk.AtomicPipeline)
+        assert (pipeline.rollback_enabled, pipeline.rollback_timeout) == (True, 5.0)
+
+    def test_builders_keep_the_class(self) -> None:
+        """Builder methods on an atomic pipeline return atomic pipelines."""
+        pipeline = (
+            pk.AtomicPipeline("tx")
+            .add_stage(make_stage("a"))
+            .add_parallel_stages(make_stage("b"), make_stage("c"))
+            .with_retry(pk.RetryPolicy())
+            .with_timeout(3)
+        )
+        assert type(pipeline) is pk.AtomicPipeline
+        assert pipeline.timeout == 3.0
+
+
+class TestWorkflowPipeline:
+    """WorkflowPipeline applies its timeout and retry to each stage."""
+
+    def test_with_timeout_is_per_stage(self) -> None:
+        """with_timeout sets the per-stage timeout, not a whole-run timeout."""
+        pipeline = pk.WorkflowPipeline("wf").add_stage(make_stage("a")).with_timeout(2)
+        assert type(pipeline) is pk.WorkflowPipeline
+        assert pipeline.stage_timeout == 2.0
+        assert pipeline.timeout is None
+
+    def test_bad_stage_timeout_rejected(self) -> None:
+        """The workflow's per-stage timeout must be positive."""
+        with pytest.raises(pk.PipelineDefinitionError, match="timeout"):
+            pk.WorkflowPipeline("wf").with_timeout(0)
+
+    async def test_slow_stage_times_out_as_a_stage(self) -> None:
+        """A stage exceeding the workflow timeout fails with StageTimeoutError, not PipelineTimeoutError."""
+
+        @pk.stage
+        async def slow(ctx: pk.StageContext) -> None:
+            await anyio.sleep_forever()
+
+        pipeline = pk.WorkflowPipeline("wf").add_stage(make_stage("fast", 1)).add_stage(slow).with_timeout(0.05)
+        with anyio.fail_after(5):
+            response = await pipeline.execute()
+        assert response.stages["fast"].status is pk.Status.SUCCEEDED
+        assert response.stages["slow"].status is pk.Status.TIMED_OUT
+        assert isinstance(response.error, pk.StageTimeoutError)
+        assert not isinstance(response.error, pk.PipelineTimeoutError)
+        assert response.error.stage == "slow"
+        assert response.error.timeout == 0.05
+
+    async def test_each_stage_gets_its_own_budget(self) -> None:
+        """Stages that each fit the per-stage timeout pass even when together they exceed it."""
+
+        async def nap(ctx: pk.StageContext) -> str:
+            await anyio.sleep(0.03)
+            return ctx.stage
+
+        pipeline = (
+            pk.WorkflowPipeline("wf")
+            .add_stage(pk.stage(name="one")(nap))
+            .add_stage(pk.stage(name="two")(nap))
+            .add_stage(pk.stage(name="three")(nap))
+            .with_timeout(0.08)
+        )
+        response = await pipeline.execute()
+        assert response.ok, response.summary()
+        assert dict(response.outputs) == {"one": "one", "two": "two", "three": "three"}
+
+    async def test_stage_timeout_overrides_workflow_timeout(self) -> None:
+        """A stage's own timeout takes precedence over the workflow's."""
+
+        @pk.stage
+        async def patient(ctx: pk.StageContext) -> str:
+            await anyio.sleep(0.05)
+            return "done"
+
+        pipeline = pk.WorkflowPipeline("wf").add_stage(patient, timeout=5).with_timeout(0.01)
+        response = await pipeline.execute()
+        assert response.ok, response.summary()
+
+    async def test_with_retry_applies_to_each_stage(self) -> None:
+        """The workflow's retry policy retries every stage that has none of its own."""
+        sleep = FakeSleep()
+
+        async def flaky(ctx: pk.StageContext) -> int:
+            if ctx.attempt == 1:
+                raise ConnectionError("blip")
+            return ctx.attempt
+
+        pipeline = (
+            pk.WorkflowPipeline("wf")
+            .add_stage(pk.stage(name="a")(flaky))
+            .add_stage(pk.stage(name="b")(flaky))
+            .with_retry(pk.RetryPolicy(max_attempts=2, jitter=0, sleep=sleep))
+        )
+        response = await pipeline.execute()
+        assert response.ok
+        assert [r.attempts for r in response.stages.values()] == [2, 2]
+        assert sleep.delays == [1.0, 1.0]
+
+    async def test_request_timeout_bounds_whole_workflow(self) -> None:
+        """RequestOptions(timeout=...) still bounds a workflow's whole run."""
+
+        @pk.stage
+        async def slow(ctx: pk.StageContext) -> None:
+            await anyio.sleep_forever()
+
+        pipeline = pk.WorkflowPipeline("wf").add_stage(slow).with_timeout(30)
+        request = pk.PipelineRequest(options=pk.RequestOptions(timeout=0.05))
+        with anyio.fail_after(5):
+            response = await pipeline.execute(request)
+        assert response.status is pk.Status.TIMED_OUT
+        assert isinstance(response.error, pk.PipelineTimeoutError)
+
+
+class TestNesting:
+    """A pipeline is itself a stage."""
+
+    def test_nested_pipeline_is_one_stage(self) -> None:
+        """Adding a pipeline adds one stage named after it."""
+        inner = pk.Pipeline("inner").add_stage(make_stage("x")).add_stage(make_stage("y"))
+        outer = pk.Pipeline("outer").add_stage(make_stage("a")).add_stage(inner)
+        assert outer.stage_names == ("a", "inner")
+        assert isinstance(inner, pk.Stage)
+
+    def test_broken_inner_pipeline_rejected_when_added(self) -> None:
+        """An inner pipeline with an unknown dependency is rejected where it is nested."""
+        inner = pk.Pipeline("inner").add_stage(make_stage("x"), depends_on=("ghost",))
+        with pytest.raises(pk.PipelineDefinitionError, match="'ghost'"):
+            pk.Pipeline("outer").add_stage(inner)
+
+    async def test_nested_outputs(self) -> None:
+        """The nested stage's output is the inner pipeline's outputs."""
+        inner = pk.Pipeline("inner").add_stage(make_stage("x", 1)).add_stage(make_stage("y", 2))
+        outer = pk.Pipeline("outer").add_stage(make_stage("a", 0)).add_stage(inner)
+        response = await outer.execute()
+        assert response.ok
+        assert response.outputs["inner"] == {"x": 1, "y": 2}
+        assert list(response.stages) == ["a", "inner"]
+
+    async def test_inner_stages_see_outer_context(self) -> None:
+        """Inner stages read earlier outer outputs and values; later outer stages read inner values."""
+        key = pk.Key[int]("n")
+
+        @pk.stage
+        async def seed(ctx: pk.StageContext) -> int:
+            ctx[key] = 10
+            return 1
+
+        @pk.stage
+        async def double(ctx: pk.StageContext) -> int:
+            ctx[key] = ctx[key] * 2
+            return int(ctx.outputs["seed"]) + 1
+
+        @pk.stage
+        async def report(ctx: pk.StageContext) -> int:
+            return ctx[key]
+
+        inner = pk.Pipeline("inner").add_stage(double)
+        outer = pk.Pipeline("outer").add_stage(seed).add_stage(inner).add_stage(report)
+        response = await outer.execute()
+        assert response.ok, response.summary()
+        assert response.outputs["inner"] == {"double": 2}
+        assert response.outputs["report"] == 20
+
+    async def test_inner_pipeline_reusable(self) -> None:
+        """One inner pipeline value can be nested in several pipelines and still run alone."""
+        inner = pk.Pipeline("inner").add_stage(make_stage("x", "x"))
+        first = pk.Pipeline("first").add_stage(inner)
+        second = pk.Pipeline("second").add_stage(make_stage("a")).add_stage(inner)
+        assert (await first.execute()).outputs["inner"] == {"x": "x"}
+        assert (await second.execute()).outputs["inner"] == {"x": "x"}
+        assert dict((await inner.execute()).outputs) == {"x": "x"}
+
+    def test_same_inner_pipeline_twice_rejected(self) -> None:
+        """Nesting one pipeline twice in the same parent is a duplicate name."""
+        inner = pk.Pipeline("inner").add_stage(make_stage("x"))
+        with pytest.raises(pk.PipelineDefinitionError, match="'inner'"):
+            pk.Pipeline("outer").add_stage(inner).add_stage(inner)
