@@ -78,7 +78,7 @@ class _Tally:
 class ExecutionHandle:
     """One submitted execution: its status, its events, and a way to wait or cancel.
 
-    Made by :meth:`Engine.submit`; not instantiated directly.
+    Made by `Engine.submit`; not instantiated directly.
     """
 
     def __init__(self, engine: Engine, pipeline: Pipeline, request: PipelineRequest, history: int) -> None:
@@ -172,8 +172,10 @@ class Engine:
     ``submit`` waits while the mailbox is full (backpressure); at most
     ``max_concurrent`` executions run at once. Leaving the ``async with`` block
     waits for every submitted execution; if the owner is cancelled instead,
-    running executions are cancelled and rolled back. Nothing outlives the
-    engine::
+    running executions are cancelled and rolled back, and queued ones end
+    ``CANCELLED`` without running. Nothing outlives the engine. Like any anyio
+    task group, the block re-raises an exception from its body wrapped in an
+    ``ExceptionGroup``::
 
         async with pk.Engine(max_concurrent=8) as engine:
             handle = await engine.submit(pipeline, pk.PipelineRequest(input={...}))
@@ -183,9 +185,9 @@ class Engine:
         max_concurrent: Executions running at once.
         mailbox_size: Submitted executions waiting to start before ``submit`` waits.
         hooks: Async callables awaited with every event of every execution.
-        history_size: Finished executions kept for :meth:`get` and :meth:`list`.
+        history_size: Finished executions kept for `get` and `list`.
         execution_history: Events kept per execution for ``handle.events()``.
-        event_buffer: Events kept for :meth:`events` subscribers that lag behind.
+        event_buffer: Events kept for `events` subscribers that lag behind.
         metrics_window: Recent executions per pipeline used for percentiles.
     """
 
@@ -259,22 +261,28 @@ class Engine:
     async def _actor(self, receive: MemoryObjectReceiveStream[ExecutionHandle]) -> None:
         assert self._tg is not None
         assert self._slots is not None
-        held: ExecutionHandle | None = None
+        # A free slot is taken before a request leaves the mailbox, so at most
+        # max_concurrent + mailbox_size executions are ever accepted at once.
         async with receive:
             try:
-                async for handle in receive:
-                    held = handle
+                while True:
                     await self._slots.acquire()
-                    held = None
+                    try:
+                        handle = await receive.receive()
+                    except BaseException:
+                        self._slots.release()
+                        raise
                     if handle._claimed:  # cancelled while queued
                         self._slots.release()
                         continue
                     handle._claimed = True
                     self._tg.start_soon(self._run_handle, handle)
+            except anyio.EndOfStream:
+                pass
             finally:
                 # Cancelled (the owner gave up): settle everything still queued
                 # as CANCELLED, so no handle waits forever.
-                queued = [held] if held is not None else []
+                queued: list[ExecutionHandle] = []
                 while True:
                     try:
                         queued.append(receive.receive_nowait())
@@ -365,7 +373,7 @@ class Engine:
         *,
         input: Mapping[str, Any] | None = None,  # noqa: A002 - the documented name
     ) -> PipelineResponse:
-        """Submit an execution and wait for its response (see :meth:`submit`)."""
+        """Submit an execution and wait for its response (see `submit`)."""
         handle = await self.submit(pipeline, request, input=input)
         return await handle.wait()
 
