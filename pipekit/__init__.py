@@ -1,6 +1,6 @@
 """pipekit: an async, actor-style pipeline engine for asyncio and trio.
 
-Stages run over a typed :class:`StageContext` in atomic, workflow, conditional,
+Stages run over a typed [`StageContext`][pipekit.StageContext] in atomic, workflow, conditional,
 parallel and graph compositions, with retries, enforced timeouts, rollback on
 failure, cancellation and events. ``import pipekit as pk``.
 """

@@ -1,4 +1,4 @@
-"""Typed keys and the per-stage view of a run (:class:`StageContext`)."""
+"""Typed keys and the per-stage view of a run ([`StageContext`][pipekit.StageContext])."""
 
 from __future__ import annotations
 
@@ -117,7 +117,7 @@ class StageContext:
     One context is made per stage; values set with ``ctx[key] = value`` are
     visible to the stages that run after it. Stages that may run concurrently
     (no dependency path between them) cannot write the same key:
-    :class:`~pipekit.ContextConflictError`.
+    [`ContextConflictError`][pipekit.ContextConflictError].
     """
 
     __slots__ = ("_attempt", "_log", "_run", "_stage")

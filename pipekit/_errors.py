@@ -1,6 +1,6 @@
 """The pipekit error family.
 
-Every error pipekit raises on purpose derives from :class:`PipekitError`::
+Every error pipekit raises on purpose derives from [`PipekitError`][pipekit.PipekitError]::
 
     PipekitError
     ├── PipelineDefinitionError (also ValueError)   bad pipeline built in code
@@ -53,7 +53,7 @@ class ValidationError(PipekitError, ValueError):
 
     Raise it from a stage's ``validate`` method with a message naming the
     problem. When pipekit aggregates several problems (a dry run reports all of
-    them at once), the individual errors are in :attr:`errors`.
+    them at once), the individual errors are in `errors`.
 
     Args:
         message: What is wrong, in one line.

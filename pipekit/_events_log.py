@@ -18,7 +18,7 @@ class EventLog:
     """Keeps the last ``maxlen`` events; readers that fall further behind skip ahead.
 
     Writers never wait for readers, so a slow subscriber cannot stall a run.
-    A reader that lost events is told so: :attr:`EventStream.dropped` counts
+    A reader that lost events is told so: `EventStream.dropped` counts
     them and a ``pipekit.events.dropped`` warning is logged.
     """
 
@@ -65,7 +65,7 @@ class EventLog:
 
 
 class EventStream:
-    """An async iterator over an :class:`EventLog`; ends when the log is closed."""
+    """An async iterator over an `EventLog`; ends when the log is closed."""
 
     __slots__ = ("_cursor", "_log", "dropped")
 

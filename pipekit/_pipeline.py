@@ -155,8 +155,8 @@ class Pipeline:
         """Return a new pipeline with ``stage`` added.
 
         Args:
-            stage: The stage (any :class:`~pipekit.Stage`, a pipeline included).
-            retry: Its retry policy; defaults to the pipeline's (:meth:`with_retry`).
+            stage: The stage (any [`Stage`][pipekit.Stage], a pipeline included).
+            retry: Its retry policy; defaults to the pipeline's (`with_retry`).
             timeout: Seconds each attempt may take.
             depends_on: Names of the stages it waits for; None means the entry
                 added just before, ``()`` makes it a root.
@@ -198,10 +198,10 @@ class Pipeline:
         Args:
             stage: The stage.
             when: ``(ctx) -> bool``; an exception from it fails the stage.
-            retry: As for :meth:`add_stage`.
-            timeout: As for :meth:`add_stage`.
-            depends_on: As for :meth:`add_stage`.
-            continue_on_error: As for :meth:`add_stage`.
+            retry: As for `add_stage`.
+            timeout: As for `add_stage`.
+            depends_on: As for `add_stage`.
+            continue_on_error: As for `add_stage`.
         """
         return self._with_entries(
             [
@@ -237,7 +237,7 @@ class Pipeline:
             retry: Policy for each of them.
             timeout: Per-attempt timeout for each of them.
             depends_on: Dependencies of every stage in the group.
-            continue_on_error: As for :meth:`add_stage`, for each of them.
+            continue_on_error: As for `add_stage`, for each of them.
         """
         if not stages:
             raise PipelineDefinitionError(f"pipeline {self.name!r}: add_parallel_stages needs at least one stage")
@@ -335,7 +335,7 @@ class Pipeline:
         return plan
 
     def check(self) -> None:
-        """Raise :class:`~pipekit.PipelineDefinitionError` if the definition is broken."""
+        """Raise [`PipelineDefinitionError`][pipekit.PipelineDefinitionError] if the definition is broken."""
         self.plan()
 
     # -- running ----------------------------------------------------------
@@ -373,7 +373,7 @@ class Pipeline:
 
         Stage failures do not raise: the response's ``status`` and ``error``
         say what happened (``response.raise_for_status()`` raises). Given a
-        :class:`~pipekit.StageContext` instead (the pipeline nested as a stage),
+        [`StageContext`][pipekit.StageContext] instead (the pipeline nested as a stage),
         it runs as a stage: it returns its outputs or raises its error.
 
         Args:
@@ -461,7 +461,7 @@ class AtomicPipeline(Pipeline):
 class WorkflowPipeline(Pipeline):
     """Multi-tool orchestration: pipeline-level policies apply to each stage.
 
-    :meth:`with_retry` and :meth:`with_timeout` set the default policy and the
+    `with_retry` and `with_timeout` set the default policy and the
     per-attempt timeout of every stage that has none of its own. Partial
     results are kept in the response. Bound the whole run with
     ``RequestOptions(timeout=...)``.

@@ -55,8 +55,8 @@ class RetryPolicy:
 
     The delay before attempt ``n + 1`` is
     ``min(initial_delay * multiplier ** (n - 1) + uniform(0, jitter), max_delay)``
-    seconds. Sleeps use :func:`anyio.sleep`, so cancelling the run interrupts
-    them. :class:`~pipekit.ValidationError`, :class:`~pipekit.ContextConflictError`
+    seconds. Sleeps use `anyio.sleep`, so cancelling the run interrupts
+    them. [`ValidationError`][pipekit.ValidationError], [`ContextConflictError`][pipekit.ContextConflictError]
     and cancellation are never retried.
 
     Args:
@@ -112,7 +112,7 @@ def ExponentialBackoff(  # noqa: N802 - reads as a policy name, like the spec sa
     should_retry: Callable[[BaseException], bool] | None = None,
     sleep: SleepFunction | None = None,
 ) -> RetryPolicy:
-    """Build a :class:`RetryPolicy` with exponential back-off.
+    """Build a [`RetryPolicy`][pipekit.RetryPolicy] with exponential back-off.
 
     Args:
         max_attempts: Attempts in total, the first included.

@@ -1,6 +1,6 @@
 """The runner: walks a pipeline's graph, then compensates on failure.
 
-One :class:`_Run` per execution holds all mutable state; the plan it walks is
+One `_Run` per execution holds all mutable state; the plan it walks is
 shared and immutable. A chain of stages runs inline in one task; a task is
 spawned only where the graph fans out.
 """
@@ -60,7 +60,7 @@ class Emitter:
     """Delivers a run's events: synchronous listeners first, then async hooks.
 
     Listeners (the engine's history and broadcast) must not raise. A hook that
-    raises or overruns :data:`HOOK_TIMEOUT` is logged with its traceback and
+    raises or overruns `HOOK_TIMEOUT` is logged with its traceback and
     counted; it never breaks the run.
     """
 

@@ -1,4 +1,4 @@
-"""The stage protocols, :class:`BaseStage` and the :func:`stage` decorator."""
+"""The stage protocols, [`BaseStage`][pipekit.BaseStage] and the [`stage`][pipekit.stage] decorator."""
 
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ class Validates(Protocol):
     """A stage that checks its inputs before it runs (and in dry runs)."""
 
     def validate(self, ctx: StageContext) -> None:
-        """Raise :class:`~pipekit.ValidationError` when the stage cannot run."""
+        """Raise [`ValidationError`][pipekit.ValidationError] when the stage cannot run."""
         ...
 
 
@@ -87,7 +87,7 @@ class BaseStage(abc.ABC):
 
 @attrs.frozen(kw_only=True)
 class FunctionStage:
-    """A stage made from an async function by :func:`stage`."""
+    """A stage made from an async function by [`stage`][pipekit.stage]."""
 
     name: str
     fn: StageFunction = attrs.field(repr=False)
@@ -146,7 +146,7 @@ def stage(
         name: The stage's name; defaults to the function's name.
         rollback: An async function ``(ctx) -> None`` compensating the stage.
         validate: A function ``(ctx) -> None`` raising
-            :class:`~pipekit.ValidationError` when the stage cannot run.
+            [`ValidationError`][pipekit.ValidationError] when the stage cannot run.
 
     Returns:
         The stage, or a decorator making one.

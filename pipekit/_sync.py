@@ -23,7 +23,7 @@ def run(
 ) -> PipelineResponse:
     """Run ``pipeline`` from synchronous code (a script) and return the response.
 
-    Starts an event loop with :func:`anyio.run`; don't call it from async code.
+    Starts an event loop with `anyio.run`; don't call it from async code.
 
     Args:
         pipeline: The pipeline.
