@@ -55,7 +55,7 @@ def _check_depends_on(name: str, depends_on: Iterable[str] | None) -> tuple[str,
     return deps
 
 
-@attrs.frozen(kw_only=True, eq=False)
+@attrs.frozen(eq=False)
 class Pipeline:
     """An immutable composition of stages; every builder method returns a new pipeline.
 
@@ -69,14 +69,14 @@ class Pipeline:
         name: The pipeline's name (also its stage name when nested).
     """
 
-    name: str = attrs.field(kw_only=False)
-    entries: tuple[Entry, ...] = ()
-    retry: RetryPolicy | None = None
-    timeout: float | None = None
-    stage_timeout: float | None = None
-    rollback_enabled: bool = True
-    rollback_timeout: float = 60.0
-    hooks: tuple[Hook, ...] = ()
+    name: str
+    entries: tuple[Entry, ...] = attrs.field(default=(), kw_only=True)
+    retry: RetryPolicy | None = attrs.field(default=None, kw_only=True)
+    timeout: float | None = attrs.field(default=None, kw_only=True)
+    stage_timeout: float | None = attrs.field(default=None, kw_only=True)
+    rollback_enabled: bool = attrs.field(default=True, kw_only=True)
+    rollback_timeout: float = attrs.field(default=60.0, kw_only=True)
+    hooks: tuple[Hook, ...] = attrs.field(default=(), kw_only=True)
     _plan: Plan | None = attrs.field(default=None, init=False, repr=False)
 
     def __attrs_post_init__(self) -> None:
@@ -420,7 +420,7 @@ class Pipeline:
         return f"<{type(self).__name__} {self.name!r} stages={list(self.stage_names)!r}>"
 
 
-@attrs.frozen(kw_only=True, eq=False, repr=False)
+@attrs.frozen(eq=False, repr=False)
 class AtomicPipeline(Pipeline):
     """All or nothing: any failure rolls back every completed stage.
 
@@ -457,7 +457,7 @@ class AtomicPipeline(Pipeline):
         return super().with_rollback(True, timeout=timeout)
 
 
-@attrs.frozen(kw_only=True, eq=False, repr=False)
+@attrs.frozen(eq=False, repr=False)
 class WorkflowPipeline(Pipeline):
     """Multi-tool orchestration: pipeline-level policies apply to each stage.
 
