@@ -52,8 +52,7 @@ from ._stage import Validates as Validates
 from ._stage import stage as stage
 from ._status import Status as Status
 from ._sync import run as run
-
-__version__ = "0.1.0"
+from ._version import __version__ as __version__
 
 __all__ = (
     "AtomicPipeline",

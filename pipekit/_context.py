@@ -6,6 +6,7 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
 
 import structlog
+from opentelemetry import trace
 
 from ._errors import ContextConflictError
 
@@ -199,14 +200,23 @@ class StageContext:
 
     @property
     def log(self) -> Any:
-        """A structlog logger bound with ``request_id``, ``pipeline`` and ``stage``."""
+        """A structlog logger bound with ``request_id``, ``pipeline``, ``stage`` and ``attempt``.
+
+        Inside a traced run it also carries the ``trace_id`` and ``span_id``
+        of the stage's span, so log lines and traces join up.
+        """
         log = self._log
         if log is None:
-            log = self._log = structlog.get_logger("pipekit").bind(
+            log = structlog.get_logger("pipekit").bind(
                 request_id=self._run.request.id,
                 pipeline=self._run.pipeline_name,
                 stage=self._stage,
+                attempt=self._attempt,
             )
+            span_context = trace.get_current_span().get_span_context()
+            if span_context.is_valid:
+                log = log.bind(trace_id=f"{span_context.trace_id:032x}", span_id=f"{span_context.span_id:016x}")
+            self._log = log
         return log
 
     def __repr__(self) -> str:

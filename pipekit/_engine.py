@@ -12,13 +12,18 @@ import anyio
 import anyio.abc
 import attrs
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+from opentelemetry import context as otel_context
 
 from ._events_log import EventLog, EventStream
+from ._instrument import ATTR_PIPELINE, get_instruments
 from ._request import PipelineRequest, PipelineResponse
 from ._run import _Run, execute_pipeline
 from ._status import Status
 
 if TYPE_CHECKING:
+    from opentelemetry.metrics import MeterProvider
+    from opentelemetry.trace import TracerProvider
+
     from ._pipeline import Hook, Pipeline
 
 __all__ = ["Engine", "ExecutionHandle", "PipelineMetrics"]
@@ -67,6 +72,7 @@ def _percentile(sorted_values: Sequence[float], q: float) -> float:
 
 @attrs.define(eq=False)
 class _Tally:
+    attributes: Mapping[str, str]
     total: int = 0
     succeeded: int = 0
     timed_out: int = 0
@@ -91,6 +97,9 @@ class ExecutionHandle:
         self._log = EventLog(history, name=f"execution {request.id}")
         self._cancel_requested = False
         self._claimed = False
+        # The caller's trace context, so the run's span is a child of the span
+        # that was current at submit time.
+        self._otel_context = otel_context.get_current()
 
     @property
     def id(self) -> str:
@@ -189,6 +198,8 @@ class Engine:
         execution_history: Events kept per execution for ``handle.events()``.
         event_buffer: Events kept for `events` subscribers that lag behind.
         metrics_window: Recent executions per pipeline used for percentiles.
+        tracer_provider: Where runs' spans go (the global provider by default).
+        meter_provider: Where runs' metrics go (the global provider by default).
     """
 
     def __init__(
@@ -201,6 +212,8 @@ class Engine:
         execution_history: int = 10_000,
         event_buffer: int = 10_000,
         metrics_window: int = 1000,
+        tracer_provider: TracerProvider | None = None,
+        meter_provider: MeterProvider | None = None,
     ) -> None:
         for label, value in (
             ("max_concurrent", max_concurrent),
@@ -228,6 +241,9 @@ class Engine:
         self._slots: anyio.Semaphore | None = None
         self._closed = False
         self._running = 0
+        self._tracer_provider = tracer_provider
+        self._meter_provider = meter_provider
+        self._instruments = get_instruments(tracer_provider, meter_provider)
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -301,7 +317,12 @@ class Engine:
         def hook_failed() -> None:
             tally.hook_failures += 1
 
+        instruments = self._instruments
+        attributes = tally.attributes
+        instruments.executions_queued.add(-1, attributes)
+        instruments.executions_running.add(1, attributes)
         self._running += 1
+        token = otel_context.attach(handle._otel_context)
         try:
             handle._response = await execute_pipeline(
                 handle.pipeline,
@@ -310,8 +331,12 @@ class Engine:
                 listeners=(handle._log.append, self._events.append),
                 on_hook_failure=hook_failed,
                 on_start=handle._attach,
+                tracer_provider=self._tracer_provider,
+                meter_provider=self._meter_provider,
             )
         finally:
+            otel_context.detach(token)
+            instruments.executions_running.add(-1, attributes)
             self._running -= 1
             if take_slot:
                 assert self._slots is not None
@@ -359,9 +384,13 @@ class Engine:
             raise RuntimeError(f"an execution with request id {request.id!r} already exists")
         handle = ExecutionHandle(self, pipeline, request, self._execution_history)
         self._handles[request.id] = handle
+        queued = self._instruments.executions_queued
+        attributes = self._tally(pipeline.name).attributes
+        queued.add(1, attributes)
         try:
             await self._send.send(handle)
         except BaseException:
+            queued.add(-1, attributes)
             del self._handles[request.id]
             raise
         return handle
@@ -436,7 +465,9 @@ class Engine:
     def _tally(self, name: str) -> _Tally:
         tally = self._tallies.get(name)
         if tally is None:
-            tally = self._tallies[name] = _Tally(durations=deque(maxlen=self._metrics_window))
+            tally = self._tallies[name] = _Tally(
+                attributes={ATTR_PIPELINE: name}, durations=deque(maxlen=self._metrics_window)
+            )
         return tally
 
     def _record(self, tally: _Tally, response: PipelineResponse) -> None:

@@ -16,6 +16,9 @@ from ._policy import RetryPolicy
 from ._request import PipelineRequest, PipelineResponse
 
 if TYPE_CHECKING:
+    from opentelemetry.metrics import MeterProvider
+    from opentelemetry.trace import TracerProvider
+
     from ._stage import Stage
 
 __all__ = ["AtomicPipeline", "Hook", "Pipeline", "WorkflowPipeline"]
@@ -360,6 +363,8 @@ class Pipeline:
         *,
         input: Mapping[str, Any] | None = None,
         hooks: Sequence[Hook] = (),
+        tracer_provider: TracerProvider | None = None,
+        meter_provider: MeterProvider | None = None,
     ) -> PipelineResponse: ...
     async def execute(
         self,
@@ -368,6 +373,8 @@ class Pipeline:
         *,
         input: Mapping[str, Any] | None = None,  # noqa: A002 - the documented name
         hooks: Sequence[Hook] = (),
+        tracer_provider: TracerProvider | None = None,
+        meter_provider: MeterProvider | None = None,
     ) -> PipelineResponse | Mapping[str, Any]:
         """Run the pipeline and describe what happened.
 
@@ -380,6 +387,8 @@ class Pipeline:
             request: The request; built from ``input`` when omitted.
             input: The request input, when no request is given.
             hooks: Extra async callables awaited with every event of this run.
+            tracer_provider: Where the run's spans go (the global provider by default).
+            meter_provider: Where the run's metrics go (the global provider by default).
 
         Returns:
             The response.
@@ -398,7 +407,9 @@ class Pipeline:
             raise TypeError("pass either a request or input=, not both")
         elif not isinstance(request, PipelineRequest):
             raise TypeError(f"execute() takes a pipekit.PipelineRequest, got {type(request).__name__}")
-        return await execute_pipeline(self, request, hooks=tuple(hooks))
+        return await execute_pipeline(
+            self, request, hooks=tuple(hooks), tracer_provider=tracer_provider, meter_provider=meter_provider
+        )
 
     def validate(self, ctx: StageContext) -> None:
         """Validate every stage of this pipeline (used when it is nested).

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import attrs
 
 from ._errors import PipelineDefinitionError
+from ._instrument import ATTR_PIPELINE, ATTR_STAGE, AttributeCache, NodeAttributes
 from ._stage import RollbackFunction, ValidateFunction, find_rollback, find_validate
 
 if TYPE_CHECKING:
@@ -64,6 +65,7 @@ class Node:
         "retry",
         "rollback",
         "stage",
+        "telemetry",
         "timeout",
         "validate",
         "when",
@@ -89,6 +91,7 @@ class Node:
         self.rollback: RollbackFunction | None = None if self.nested is not None else find_rollback(stage)
         self.deps: tuple[int, ...] = ()
         self.dependents: tuple[int, ...] = ()
+        self.telemetry = NodeAttributes({ATTR_PIPELINE: "", ATTR_STAGE: self.name})
 
     @property
     def compensable(self) -> bool:
@@ -103,13 +106,17 @@ class Node:
 class Plan:
     """The compiled graph of one pipeline value."""
 
-    __slots__ = ("index", "nodes", "order", "roots")
+    __slots__ = ("index", "nodes", "order", "roots", "telemetry")
 
-    def __init__(self, nodes: Sequence[Node], order: Sequence[int]) -> None:
+    def __init__(self, nodes: Sequence[Node], order: Sequence[int], pipeline_name: str = "") -> None:
         self.nodes: tuple[Node, ...] = tuple(nodes)
         self.order: tuple[int, ...] = tuple(order)
         self.index: dict[str, int] = {n.name: n.index for n in nodes}
         self.roots: tuple[int, ...] = tuple(n.index for n in nodes if not n.deps)
+        self.telemetry = AttributeCache({ATTR_PIPELINE: pipeline_name})
+        for node in self.nodes:
+            depends_on = [self.nodes[d].name for d in node.deps]
+            node.telemetry = NodeAttributes({ATTR_PIPELINE: pipeline_name, ATTR_STAGE: node.name}, depends_on)
 
     def depends(self, later: int, earlier: int) -> bool:
         """Whether ``later`` (transitively) depends on ``earlier``."""
@@ -216,4 +223,4 @@ def compile_plan(pipeline: Pipeline) -> Plan:
             waiting[d] -= 1
             if not waiting[d]:
                 ready.append(d)
-    return Plan(nodes, order)
+    return Plan(nodes, order, pipeline.name)

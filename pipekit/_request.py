@@ -32,6 +32,14 @@ def _freeze_input(value: Mapping[str, Any] | None) -> Mapping[str, Any]:
     return types.MappingProxyType(dict(value))
 
 
+def _freeze_carrier(value: Mapping[str, str] | None) -> Mapping[str, str]:
+    if value is None:
+        return types.MappingProxyType({})
+    if not isinstance(value, Mapping):
+        raise TypeError(f"request carrier must be a mapping of header names to values, got {type(value).__name__}")
+    return types.MappingProxyType({str(k): str(v) for k, v in value.items()})
+
+
 def _new_id() -> str:
     return str(uuid.uuid4())
 
@@ -59,12 +67,17 @@ class PipelineRequest:
         type: A free-form label (e.g. ``"deploy"``), carried into events.
         input: Read-only input for the stages (``ctx.input``); copied.
         options: Timeout and dry-run options.
+        carrier: W3C trace-context headers (``traceparent``, ``tracestate``)
+            of the caller, for runs started from another process; the run's
+            span becomes a child of that trace. Empty: the current span is
+            the parent.
     """
 
     id: str = attrs.field(factory=_new_id)
     type: str = ""
     input: Mapping[str, Any] = attrs.field(factory=dict, converter=_freeze_input)
     options: RequestOptions = attrs.field(factory=RequestOptions)
+    carrier: Mapping[str, str] = attrs.field(factory=dict, converter=_freeze_carrier)
 
 
 @attrs.frozen(kw_only=True)

@@ -7,6 +7,7 @@ spawned only where the graph fans out.
 
 from __future__ import annotations
 
+import logging
 import time
 import types
 from collections import ChainMap
@@ -19,6 +20,8 @@ import anyio
 import anyio.lowlevel
 import structlog
 from anyio.lowlevel import RunVar
+from opentelemetry import context as otel_context
+from opentelemetry import propagate, trace
 
 from . import _events as ev
 from ._context import StageContext, _RunView, _Store
@@ -32,12 +35,29 @@ from ._errors import (
     StageTimeoutError,
     ValidationError,
 )
+from ._instrument import (
+    ATTR_ATTEMPT,
+    ATTR_DRY_RUN,
+    ATTR_ERROR_TYPE,
+    ATTR_PIPELINE,
+    ATTR_REQUEST_ID,
+    ATTR_REQUEST_TYPE,
+    ATTR_RETRY_DELAY,
+    ATTR_STATUS,
+    Instruments,
+    error_type,
+    get_instruments,
+    mark_error,
+)
 from ._plan import Node, Plan
 from ._policy import call_with_retry
 from ._request import PipelineRequest, PipelineResponse, StageResult
 from ._status import Status
 
 if TYPE_CHECKING:
+    from opentelemetry.metrics import MeterProvider
+    from opentelemetry.trace import TracerProvider
+
     from ._pipeline import Hook, Pipeline
 
 __all__ = ["Emitter", "collect_validation_errors", "execute_pipeline", "run_nested"]
@@ -64,24 +84,26 @@ class Emitter:
     counted; it never breaks the run.
     """
 
-    __slots__ = ("failures", "hooks", "listeners", "on_hook_failure")
+    __slots__ = ("failures", "hooks", "instruments", "listeners", "on_hook_failure")
 
     def __init__(
         self,
         hooks: Sequence[Hook] = (),
         listeners: Sequence[Callable[[ev.Event], None]] = (),
         on_hook_failure: Callable[[], None] | None = None,
+        instruments: Instruments | None = None,
     ) -> None:
         self.hooks = tuple(hooks)
         self.listeners = tuple(listeners)
         self.failures = 0
         self.on_hook_failure = on_hook_failure
+        self.instruments = instruments
 
     def extend(self, hooks: Sequence[Hook]) -> Emitter:
         """An emitter that also awaits ``hooks`` (a nested pipeline's own); failures count here too."""
         if not hooks:
             return self
-        return Emitter((*self.hooks, *hooks), self.listeners, self._failed)
+        return Emitter((*self.hooks, *hooks), self.listeners, self._failed, self.instruments)
 
     def _failed(self) -> None:
         self.failures += 1
@@ -97,6 +119,8 @@ class Emitter:
                     await hook(event)
             except Exception:
                 self._failed()
+                if self.instruments is not None:
+                    self.instruments.hook_failures.add(1, {ATTR_PIPELINE: event.pipeline})
                 _log.exception(
                     "pipekit.hook.failed",
                     hook=getattr(hook, "__qualname__", repr(hook)),
@@ -125,10 +149,12 @@ class _Run(_RunView):
         "children",
         "culprit",
         "deadline",
+        "debug",
         "dry_run",
         "emitter",
         "error",
         "failure",
+        "log",
         "mono0",
         "nodes",
         "output",
@@ -144,12 +170,16 @@ class _Run(_RunView):
         "rolled_back",
         "run_scope",
         "sems",
+        "span",
+        "start_ns",
         "status",
         "stop",
         "store",
         "t0",
         "t1",
+        "tel",
         "tg",
+        "tracing",
         "waiting",
         "wall0",
     )
@@ -161,6 +191,8 @@ class _Run(_RunView):
         request: PipelineRequest,
         emitter: Emitter | None,
         parent: _Run | None = None,
+        *,
+        instruments: Instruments | None = None,
     ) -> None:
         self.pipeline = pipeline
         self.pipeline_name = pipeline.name
@@ -200,6 +232,12 @@ class _Run(_RunView):
         self.deadline: float | None = None
         self.wall0 = 0.0
         self.mono0 = 0.0
+        self.tel: Instruments | None = instruments if instruments is not None else (parent.tel if parent else None)
+        self.tracing = False  # set once the run's span turns out to be recording
+        self.span: trace.Span | None = None
+        self.start_ns: list[int] = []
+        self.log: Any = _log
+        self.debug = False
 
     # -- control ------------------------------------------------------------
 
@@ -221,14 +259,62 @@ class _Run(_RunView):
     async def run(self) -> PipelineResponse:
         """Run to completion (rollback included) and return the response.
 
-        Cancellation from outside is honoured: the run is interrupted,
-        compensated under a shield, its response kept in ``self.response``,
-        and the cancellation re-raised.
+        The run happens inside its ``pipeline <name>`` span, a child of the
+        current span (or of the request's ``carrier``). Cancellation from
+        outside is honoured: the run is interrupted, compensated under a
+        shield, its response kept in ``self.response``, and the cancellation
+        re-raised.
         """
+        request = self.request
+        self.log = _log.bind(request_id=request.id, pipeline=self.pipeline_name)
+        self.debug = _debug_enabled(self.log)
+        tel = self.tel
+        if tel is None:
+            return await self._run()
+        parent = propagate.extract(request.carrier) if request.carrier else None
+        span = tel.tracer.start_span(
+            f"pipeline {self.pipeline_name}",
+            context=parent,
+            attributes={
+                ATTR_PIPELINE: self.pipeline_name,
+                ATTR_REQUEST_ID: request.id,
+                ATTR_REQUEST_TYPE: request.type,
+                ATTR_DRY_RUN: self.dry_run,
+            },
+        )
+        self.span = span
+        if span.is_recording():
+            self.tracing = True
+            self.start_ns = [0] * len(self.nodes)
+            span_context = span.get_span_context()
+            self.log = self.log.bind(trace_id=f"{span_context.trace_id:032x}", span_id=f"{span_context.span_id:016x}")
+        token = otel_context.attach(trace.set_span_in_context(span, parent))
+        try:
+            return await self._run()
+        except BaseException as exc:
+            if self.response is None:  # a bug, not a stage failure
+                mark_error(span, exc)
+            raise
+        finally:
+            otel_context.detach(token)
+            if self.response is not None:
+                self._end_run_span(span, self.response)
+            else:
+                span.end()
+
+    def _end_run_span(self, span: trace.Span, response: PipelineResponse) -> None:
+        if self.tracing:
+            span.set_attribute(ATTR_STATUS, response.status.value)
+            if response.error is not None:
+                mark_error(span, response.error)
+        span.end()
+
+    async def _run(self) -> PipelineResponse:
         pipeline = self.pipeline
         self.wall0 = time.time()
         self.mono0 = anyio.current_time()
         request = self.request
+        self.log.info("pipekit.pipeline.started", request_type=request.type, dry_run=self.dry_run)
         if self.emitter is not None:
             await self._emit(
                 ev.PipelineStarted(
@@ -320,6 +406,9 @@ class _Run(_RunView):
         self.status[i] = _SKIPPED
         self.reason[i] = reason
         self.blocked[i] = blocked
+        self._record_stage(self.nodes[i], _SKIPPED, None)
+        if self.debug:
+            self.log.debug("pipekit.stage.skipped", stage=self.nodes[i].name, reason=reason)
         if self.emitter is not None:
             await self._emit(
                 ev.StageSkipped(
@@ -354,20 +443,28 @@ class _Run(_RunView):
 
     async def _attempt(self, i: int, node: Node) -> None:
         self.status[i] = _RUNNING
-        self.t0[i] = anyio.current_time()
+        t0 = self.t0[i] = anyio.current_time()
         self.attempts[i] = 1
         ctx = StageContext(self, node.name)
         emitter = self.emitter
+        if self.debug:
+            self.log.debug("pipekit.stage.started", stage=node.name, attempt=1)
         if emitter is not None:
             await emitter.emit(
                 ev.StageStarted(
                     request_id=self.request.id,
                     pipeline=self.pipeline_name,
-                    timestamp=self._now_wall(self.t0[i]),
+                    timestamp=self._now_wall(t0),
                     stage=node.name,
                     attempt=1,
                 )
             )
+        span = token = None
+        if self.tracing:
+            assert self.tel is not None
+            span = self.tel.tracer.start_span(f"stage {node.name}", attributes=node.telemetry.span_attributes)
+            self.start_ns[i] = getattr(span, "start_time", None) or time.time_ns()
+            token = otel_context.attach(trace.set_span_in_context(span))
         try:
             if node.validate is not None:
                 node.validate(ctx)
@@ -379,40 +476,31 @@ class _Run(_RunView):
                     return await self._call(i, node, ctx, n)
 
                 async def on_retry(n: int, delay: float, error: BaseException) -> None:
-                    _log.warning(
-                        "pipekit.stage.retry_scheduled",
-                        request_id=self.request.id,
-                        pipeline=self.pipeline_name,
-                        stage=node.name,
-                        attempt=n,
-                        delay=delay,
-                        error=repr(error),
-                    )
-                    if emitter is not None:
-                        await emitter.emit(
-                            ev.StageRetrying(
-                                request_id=self.request.id,
-                                pipeline=self.pipeline_name,
-                                timestamp=time.time(),
-                                stage=node.name,
-                                attempt=n,
-                                error=error,
-                                delay=delay,
-                            )
-                        )
+                    await self._retry_scheduled(i, n, delay, error, span)
 
                 out = await call_with_retry(node.retry, attempt, on_retry)
         except Exception as exc:
             self.t1[i] = anyio.current_time()
+            if span is not None:
+                self._end_stage_span(span, token, self._failed_status(node, exc), self.attempts[i], exc)
             await self._fail(i, exc)
             return
         except BaseException:
-            self.t1[i] = anyio.current_time()
+            t1 = self.t1[i] = anyio.current_time()
+            status = self._interrupted_status()
+            if span is not None:
+                self._end_stage_span(span, token, status, self.attempts[i], None)
+            self._record_stage(node, status, t1 - t0)
             raise
         t1 = self.t1[i] = anyio.current_time()
         self.status[i] = _SUCCEEDED
         self.output[i] = out
         self.outputs[node.name] = out
+        if span is not None:
+            self._end_stage_span(span, token, _SUCCEEDED, self.attempts[i], None)
+        self._record_stage(node, _SUCCEEDED, t1 - t0)
+        if self.debug:
+            self.log.debug("pipekit.stage.succeeded", stage=node.name, attempt=self.attempts[i], duration=t1 - t0)
         if emitter is not None:
             await emitter.emit(
                 ev.StageSucceeded(
@@ -421,13 +509,103 @@ class _Run(_RunView):
                     timestamp=self._now_wall(t1),
                     stage=node.name,
                     attempt=self.attempts[i],
-                    duration=t1 - self.t0[i],
+                    duration=t1 - t0,
+                )
+            )
+
+    def _end_stage_span(
+        self, span: trace.Span, token: object, status: Status, attempts: int, error: BaseException | None
+    ) -> None:
+        otel_context.detach(token)  # type: ignore[arg-type]
+        span.set_attribute(ATTR_STATUS, status.value)
+        span.set_attribute(ATTR_ATTEMPT, attempts)
+        if error is not None:
+            mark_error(span, error)
+        span.end()
+
+    def _record_stage(self, node: Node, status: Status, duration: float | None) -> None:
+        tel = self.tel
+        if tel is None:
+            return
+        attributes = node.telemetry.with_status(status)
+        tel.stage_runs.add(1, attributes)
+        if duration is not None:
+            tel.stage_duration.record(duration, attributes)
+
+    @staticmethod
+    def _failed_status(node: Node, exc: BaseException) -> Status:
+        # TIMED_OUT only for this stage's own timeout; a nested pipeline whose
+        # inner stage timed out failed.
+        return Status.TIMED_OUT if isinstance(exc, StageTimeoutError) and exc.stage == node.name else _FAILED
+
+    def _interrupted_status(self) -> Status:
+        """The status of a stage interrupted right now: TIMED_OUT when the run's deadline passed."""
+        scope = self.run_scope
+        if self.stop == "timeout" or (
+            self.stop is None and scope is not None and scope.cancel_called and not self.cancel_requested
+        ):
+            return Status.TIMED_OUT
+        return Status.CANCELLED
+
+    async def _retry_scheduled(
+        self, i: int, attempt: int, delay: float, error: BaseException, span: trace.Span | None
+    ) -> None:
+        node = self.nodes[i]
+        self.log.warning(
+            "pipekit.stage.retry_scheduled",
+            stage=node.name,
+            attempt=attempt,
+            delay=delay,
+            error=repr(error),
+        )
+        tel = self.tel
+        if tel is not None:
+            tel.retries.add(1, node.telemetry.base)
+        if span is not None:
+            assert tel is not None
+            if attempt == 1:
+                # The first attempt ran before anyone knew it would be retried:
+                # give it its span now, with its real start time.
+                first = tel.tracer.start_span(
+                    f"stage {node.name} attempt 1",
+                    start_time=self.start_ns[i],
+                    attributes={**node.telemetry.base, ATTR_ATTEMPT: 1},
+                )
+                mark_error(first, error)
+                first.end()
+            span.add_event(
+                "retry",
+                {
+                    ATTR_ATTEMPT: attempt,
+                    ATTR_RETRY_DELAY: delay,
+                    ATTR_ERROR_TYPE: error_type(error),
+                    "exception.message": str(error),
+                },
+            )
+        if self.emitter is not None:
+            await self.emitter.emit(
+                ev.StageRetrying(
+                    request_id=self.request.id,
+                    pipeline=self.pipeline_name,
+                    timestamp=time.time(),
+                    stage=node.name,
+                    attempt=attempt,
+                    error=error,
+                    delay=delay,
                 )
             )
 
     async def _call(self, i: int, node: Node, ctx: StageContext, n: int) -> Any:
         ctx._attempt = n
         self.attempts[i] = n
+        if n > 1:
+            ctx._log = None  # rebind with the new attempt
+            if self.tracing:
+                return await self._call_in_attempt_span(i, node, ctx, n)
+        return await self._bounded(i, node, ctx, n)
+
+    async def _bounded(self, i: int, node: Node, ctx: StageContext, n: int) -> Any:
+        """One attempt, bounded by the stage's timeout."""
         coro = self._run_child(i, node, ctx) if node.nested is not None else node.stage.execute(ctx)
         if node.timeout is None:
             return await coro
@@ -435,6 +613,21 @@ class _Run(_RunView):
             return await coro
         assert scope.cancelled_caught
         raise StageTimeoutError(node.name, timeout=node.timeout, attempts=n)
+
+    async def _call_in_attempt_span(self, i: int, node: Node, ctx: StageContext, n: int) -> Any:
+        assert self.tel is not None
+        span = self.tel.tracer.start_span(
+            f"stage {node.name} attempt {n}", attributes={**node.telemetry.base, ATTR_ATTEMPT: n}
+        )
+        token = otel_context.attach(trace.set_span_in_context(span))
+        try:
+            return await self._bounded(i, node, ctx, n)
+        except Exception as exc:
+            mark_error(span, exc)
+            raise
+        finally:
+            otel_context.detach(token)
+            span.end()
 
     async def _run_child(self, i: int, node: Node, ctx: StageContext) -> Any:
         assert node.nested is not None
@@ -458,9 +651,8 @@ class _Run(_RunView):
 
     async def _fail(self, i: int, exc: Exception) -> None:
         node = self.nodes[i]
-        # TIMED_OUT only for this stage's own timeout; a nested pipeline whose
-        # inner stage timed out failed.
-        status = Status.TIMED_OUT if isinstance(exc, StageTimeoutError) and exc.stage == node.name else _FAILED
+        status = self._failed_status(node, exc)
+        self._record_stage(node, status, self.t1[i] - self.t0[i])
         self.status[i] = status
         self.error[i] = exc
         self.blocked[i] = True
@@ -470,12 +662,11 @@ class _Run(_RunView):
             self.failure = i
             assert self.tg is not None
             self.tg.cancel_scope.cancel()
-        _log.warning(
+        self.log.warning(
             "pipekit.stage.failed",
-            request_id=self.request.id,
-            pipeline=self.pipeline_name,
             stage=node.name,
             attempt=self.attempts[i],
+            status=status.value,
             error=repr(exc),
             continue_on_error=node.continue_on_error,
         )
@@ -562,6 +753,7 @@ class _Run(_RunView):
         if not order:
             return []
         nodes = self.nodes
+        self.log.info("pipekit.rollback.started", stages=[nodes[i].name for i in order])
         if self.emitter is not None:
             await self._emit(
                 ev.RollbackStarted(
@@ -586,6 +778,7 @@ class _Run(_RunView):
                 await self._rollback_failed(i)
             if self.rollback_error[i] is not None:
                 errors.append(self.rollback_error[i])  # type: ignore[arg-type]
+        self.log.info("pipekit.rollback.finished", rolled_back=sum(self.rolled_back), failed=len(errors))
         if self.emitter is not None:
             await self._emit(
                 ev.RollbackFinished(
@@ -600,9 +793,16 @@ class _Run(_RunView):
 
     async def _undo(self, i: int, before: list[anyio.Event], done: anyio.Event) -> None:
         node = self.nodes[i]
+        span = token = None
         try:
             for event in before:
                 await event.wait()
+            tel = self.tel
+            if tel is not None:
+                tel.rollbacks.add(1, node.telemetry.base)
+                if self.tracing:
+                    span = tel.tracer.start_span(f"rollback {node.name}", attributes=node.telemetry.span_attributes)
+                    token = otel_context.attach(trace.set_span_in_context(span))
             try:
                 if node.nested is not None:
                     child = self.children[i]
@@ -614,10 +814,13 @@ class _Run(_RunView):
                     await node.rollback(StageContext(self, node.name, self.attempts[i]))
             except Exception as exc:
                 self.rollback_error[i] = exc
+                if span is not None:
+                    mark_error(span, exc)
                 await self._rollback_failed(i)
             else:
                 self.rolled_back[i] = True
                 self.status[i] = Status.ROLLED_BACK
+                self.log.info("pipekit.rollback.stage_rolled_back", stage=node.name)
                 if self.emitter is not None:
                     await self._emit(
                         ev.StageRolledBack(
@@ -630,18 +833,19 @@ class _Run(_RunView):
                     )
         finally:
             done.set()
+            if span is not None:
+                otel_context.detach(token)  # type: ignore[arg-type]
+                if not self.rolled_back[i] and self.rollback_error[i] is None:
+                    span.set_status(trace.StatusCode.ERROR, "rollback timed out")
+                    span.set_attribute(ATTR_ERROR_TYPE, "TimeoutError")
+                span.end()
 
     async def _rollback_failed(self, i: int) -> None:
         node = self.nodes[i]
         error = self.rollback_error[i]
-        _log.error(
-            "pipekit.rollback.failed",
-            request_id=self.request.id,
-            pipeline=self.pipeline_name,
-            stage=node.name,
-            error=repr(error),
-            exc_info=error,
-        )
+        if self.tel is not None:
+            self.tel.rollback_failures.add(1, node.telemetry.base)
+        self.log.error("pipekit.rollback.failed", stage=node.name, error=repr(error), exc_info=error)
         if self.emitter is not None:
             await self._emit(
                 ev.StageRollbackFailed(
@@ -697,6 +901,20 @@ class _Run(_RunView):
         else:
             status = _FAILED
         duration = end - self.mono0
+        tel = self.tel
+        if tel is not None and not self.dry_run:
+            attributes = self.plan.telemetry.with_status(status)
+            tel.executions.add(1, attributes)
+            tel.execution_duration.record(duration, attributes)
+        if error is None:
+            self.log.info("pipekit.pipeline.finished", status=status.value, duration=duration)
+        else:
+            self.log.warning(
+                "pipekit.pipeline.finished",
+                status=status.value,
+                duration=duration,
+                error=f"{type(error).__name__}: {error}",
+            )
         if self.emitter is not None:
             with anyio.CancelScope(shield=True):
                 await self._emit(
@@ -772,6 +990,16 @@ class _Run(_RunView):
         return await self._respond(error)
 
 
+def _debug_enabled(logger: Any) -> bool:
+    """Whether ``logger`` would emit debug events (checked once per run, to keep stages cheap)."""
+    check = getattr(logger, "is_enabled_for", None)
+    if check is None:
+        check = getattr(logger, "isEnabledFor", None)
+    if check is None:
+        return True
+    return bool(check(logging.DEBUG))
+
+
 def _child_emitter(parent: _Run, nested: Pipeline) -> Emitter | None:
     if parent.emitter is not None:
         return parent.emitter.extend(nested.hooks)
@@ -825,12 +1053,15 @@ async def execute_pipeline(
     listeners: Sequence[Callable[[ev.Event], None]] = (),
     on_hook_failure: Callable[[], None] | None = None,
     on_start: Callable[[_Run], None] | None = None,
+    tracer_provider: TracerProvider | None = None,
+    meter_provider: MeterProvider | None = None,
 ) -> PipelineResponse:
     """Run ``pipeline`` for ``request`` and return the response (the public entry point)."""
     plan = pipeline.plan()
+    instruments = get_instruments(tracer_provider, meter_provider)
     all_hooks = (*pipeline.hooks, *hooks)
-    emitter = Emitter(all_hooks, listeners, on_hook_failure) if (all_hooks or listeners) else None
-    run = _Run(pipeline, plan, request, emitter)
+    emitter = Emitter(all_hooks, listeners, on_hook_failure, instruments) if (all_hooks or listeners) else None
+    run = _Run(pipeline, plan, request, emitter, instruments=instruments)
     if on_start is not None:
         on_start(run)
     return await run.run_serialised()
