@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import platform
 import statistics
 import time
@@ -17,8 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import structlog
 
 import pipekit as pk
+
+# Measured as a service runs it: logging configured at WARNING (structlog's
+# unconfigured default prints every debug line, which would dominate).
+structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
 
 
 class Noop(pk.BaseStage):

@@ -18,6 +18,7 @@ from ._errors import PipelineCancelledError as PipelineCancelledError
 from ._errors import PipelineDefinitionError as PipelineDefinitionError
 from ._errors import PipelineTimeoutError as PipelineTimeoutError
 from ._errors import RollbackError as RollbackError
+from ._errors import RollbackTimeoutError as RollbackTimeoutError
 from ._errors import StageFailedError as StageFailedError
 from ._errors import StageTimeoutError as StageTimeoutError
 from ._errors import ValidationError as ValidationError
@@ -80,6 +81,7 @@ __all__ = (
     "RollbackError",
     "RollbackFinished",
     "RollbackStarted",
+    "RollbackTimeoutError",
     "RollsBack",
     "Stage",
     "StageCancelled",

@@ -16,6 +16,7 @@ from opentelemetry import context as otel_context
 
 from ._events_log import EventLog, EventStream
 from ._instrument import ATTR_PIPELINE, get_instruments
+from ._pipeline import make_request
 from ._request import PipelineRequest, PipelineResponse
 from ._run import _Run, execute_pipeline
 from ._status import Status
@@ -198,6 +199,8 @@ class Engine:
         execution_history: Events kept per execution for ``handle.events()``.
         event_buffer: Events kept for `events` subscribers that lag behind.
         metrics_window: Recent executions per pipeline used for percentiles.
+        hook_timeout: Seconds one hook call may take; a hook that overruns
+            counts as failed and is not called again during that run.
         tracer_provider: Where runs' spans go (the global provider by default).
         meter_provider: Where runs' metrics go (the global provider by default).
     """
@@ -212,6 +215,7 @@ class Engine:
         execution_history: int = 10_000,
         event_buffer: int = 10_000,
         metrics_window: int = 1000,
+        hook_timeout: float = 30.0,
         tracer_provider: TracerProvider | None = None,
         meter_provider: MeterProvider | None = None,
     ) -> None:
@@ -241,6 +245,9 @@ class Engine:
         self._slots: anyio.Semaphore | None = None
         self._closed = False
         self._running = 0
+        if not isinstance(hook_timeout, int | float) or not hook_timeout > 0:
+            raise ValueError(f"Engine hook_timeout must be a number of seconds > 0, got {hook_timeout!r}")
+        self._hook_timeout = float(hook_timeout)
         self._tracer_provider = tracer_provider
         self._meter_provider = meter_provider
         self._instruments = get_instruments(tracer_provider, meter_provider)
@@ -333,6 +340,7 @@ class Engine:
                 on_start=handle._attach,
                 tracer_provider=self._tracer_provider,
                 meter_provider=self._meter_provider,
+                hook_timeout=self._hook_timeout,
             )
         finally:
             otel_context.detach(token)
@@ -375,10 +383,7 @@ class Engine:
         """
         if self._send is None or self._closed:
             raise RuntimeError("the Engine is not running; use `async with Engine() as engine:`")
-        if request is None:
-            request = PipelineRequest(input=input or {})
-        elif input is not None:
-            raise TypeError("pass either a request or input=, not both")
+        request = make_request(pipeline, request, input, "Engine.submit()")
         pipeline.plan()
         if request.id in self._handles:
             raise RuntimeError(f"an execution with request id {request.id!r} already exists")

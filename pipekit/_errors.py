@@ -10,6 +10,7 @@ Every error pipekit raises on purpose derives from [`PipekitError`][pipekit.Pipe
     │   └── StageTimeoutError (also TimeoutError)   an attempt exceeded its timeout
     ├── PipelineTimeoutError (also TimeoutError)    the whole run exceeded its deadline
     ├── PipelineCancelledError                      the run was cancelled
+    ├── RollbackTimeoutError (also TimeoutError)    a compensation ran out of time
     └── RollbackError (also ExceptionGroup)         one or more compensations failed
 
 Errors carry their context as attributes (``.stage``, ``.attempts``,
@@ -27,6 +28,7 @@ __all__ = [
     "PipelineDefinitionError",
     "PipelineTimeoutError",
     "RollbackError",
+    "RollbackTimeoutError",
     "StageFailedError",
     "StageTimeoutError",
     "ValidationError",
@@ -157,6 +159,30 @@ class PipelineCancelledError(PipekitError):
         super().__init__(f"pipeline {pipeline!r} was cancelled")
         self.pipeline = pipeline
         self.request_id = request_id
+
+
+class RollbackTimeoutError(PipekitError, TimeoutError):
+    """A stage's rollback did not finish (or never started) within the rollback timeout.
+
+    Args:
+        stage: The stage whose rollback ran out of time.
+        timeout: The rollback timeout in seconds.
+        waiting_for: The stages whose rollbacks it was still waiting for, if
+            it never started.
+    """
+
+    def __init__(self, stage: str, *, timeout: float, waiting_for: Sequence[str] = ()) -> None:
+        if waiting_for:
+            message = (
+                f"rollback of stage {stage!r} did not start within the {timeout:g}s rollback timeout: "
+                f"it was waiting for the rollback of {', '.join(map(repr, waiting_for))}"
+            )
+        else:
+            message = f"rollback of stage {stage!r} did not finish within the {timeout:g}s rollback timeout"
+        super().__init__(message)
+        self.stage = stage
+        self.timeout = timeout
+        self.waiting_for = tuple(waiting_for)
 
 
 class RollbackError(PipekitError, ExceptionGroup[Exception]):

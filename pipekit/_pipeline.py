@@ -36,6 +36,10 @@ def _check_seconds(what: str, value: float | None) -> float | None:
 
 
 def _check_stage(stage: object) -> Stage:
+    if isinstance(stage, type):
+        raise PipelineDefinitionError(
+            f"add an instance of the stage, not the class: {stage.__name__}() rather than {stage.__name__}"
+        )
     name = getattr(stage, "name", None)
     if not isinstance(name, str) or not name:
         raise PipelineDefinitionError(f"a stage needs a non-empty string name, got {stage!r}")
@@ -58,6 +62,62 @@ def _check_depends_on(name: str, depends_on: Iterable[str] | None) -> tuple[str,
     return deps
 
 
+def _seconds_field(_inst: object, attribute: attrs.Attribute[Any], value: float | None) -> None:
+    _check_seconds(f"Pipeline {attribute.name}", value)
+
+
+def _check_retry(_inst: object, _attribute: attrs.Attribute[Any], value: object) -> None:
+    if value is not None and not isinstance(value, RetryPolicy):
+        raise PipelineDefinitionError(f"a pipeline's retry must be a pipekit.RetryPolicy, got {value!r}")
+
+
+def _check_hooks(_inst: object, _attribute: attrs.Attribute[Any], value: tuple[object, ...]) -> None:
+    for hook in value:
+        if not callable(hook):
+            raise PipelineDefinitionError(f"hooks must be async callables, got {hook!r}")
+
+
+def _to_entries(value: Iterable[Entry]) -> tuple[Entry, ...]:
+    return tuple(value)
+
+
+def _to_hooks(value: Iterable[Hook]) -> tuple[Hook, ...]:
+    return tuple(value)
+
+
+def _check_entries(_inst: object, _attribute: attrs.Attribute[Any], value: tuple[object, ...]) -> None:
+    for entry in value:
+        if not isinstance(entry, Entry):
+            raise PipelineDefinitionError(f"add stages with add_stage() and friends, not entries= ({entry!r})")
+
+
+def make_request(
+    pipeline: object,
+    request: object,
+    input: Mapping[str, Any] | None,
+    caller: str,  # noqa: A002
+) -> PipelineRequest:
+    """Check what a caller passed to run a pipeline, and build the request.
+
+    Raises:
+        TypeError: Naming the mistake (a stage instead of a pipeline, a dict
+            instead of a request, both a request and ``input=``).
+    """
+    if not isinstance(pipeline, Pipeline):
+        hint = ""
+        if callable(getattr(pipeline, "execute", None)):
+            hint = "; wrap a single stage with pk.Pipeline('name').add_stage(stage)"
+        raise TypeError(f"{caller} takes a pipekit.Pipeline, got {type(pipeline).__name__}{hint}")
+    if request is None:
+        return PipelineRequest(input=input or {})
+    if input is not None:
+        raise TypeError(f"{caller}: pass either a request or input=, not both")
+    if not isinstance(request, PipelineRequest):
+        hint = "; pass a plain mapping as input=..." if isinstance(request, Mapping) else ""
+        raise TypeError(f"{caller} takes a pipekit.PipelineRequest, got {type(request).__name__}{hint}")
+    return request
+
+
 @attrs.frozen(eq=False)
 class Pipeline:
     """An immutable composition of stages; every builder method returns a new pipeline.
@@ -73,13 +133,13 @@ class Pipeline:
     """
 
     name: str
-    entries: tuple[Entry, ...] = attrs.field(default=(), kw_only=True)
-    retry: RetryPolicy | None = attrs.field(default=None, kw_only=True)
-    timeout: float | None = attrs.field(default=None, kw_only=True)
-    stage_timeout: float | None = attrs.field(default=None, kw_only=True)
-    rollback_enabled: bool = attrs.field(default=True, kw_only=True)
-    rollback_timeout: float = attrs.field(default=60.0, kw_only=True)
-    hooks: tuple[Hook, ...] = attrs.field(default=(), kw_only=True)
+    entries: tuple[Entry, ...] = attrs.field(default=(), kw_only=True, converter=_to_entries, validator=_check_entries)
+    retry: RetryPolicy | None = attrs.field(default=None, kw_only=True, validator=_check_retry)
+    timeout: float | None = attrs.field(default=None, kw_only=True, validator=_seconds_field)
+    stage_timeout: float | None = attrs.field(default=None, kw_only=True, validator=_seconds_field)
+    rollback_enabled: bool = attrs.field(default=True, kw_only=True, converter=bool)
+    rollback_timeout: float = attrs.field(default=60.0, kw_only=True, validator=_seconds_field)
+    hooks: tuple[Hook, ...] = attrs.field(default=(), kw_only=True, converter=_to_hooks, validator=_check_hooks)
     _plan: Plan | None = attrs.field(default=None, init=False, repr=False)
 
     def __attrs_post_init__(self) -> None:
@@ -248,6 +308,13 @@ class Pipeline:
             raise PipelineDefinitionError(
                 f"pipeline {self.name!r}: parallel limit must be an integer >= 1, got {limit!r}"
             )
+        if depends_on is not None:
+            names = {getattr(s, "name", None) for s in stages}
+            inside = [d for d in ((depends_on,) if isinstance(depends_on, str) else depends_on) if d in names]
+            if inside:
+                raise PipelineDefinitionError(
+                    f"pipeline {self.name!r}: a parallel group cannot depend on its own member {inside[0]!r}"
+                )
         group = self._next_group()
         return self._with_entries(
             [
@@ -365,6 +432,7 @@ class Pipeline:
         hooks: Sequence[Hook] = (),
         tracer_provider: TracerProvider | None = None,
         meter_provider: MeterProvider | None = None,
+        hook_timeout: float = 30.0,
     ) -> PipelineResponse: ...
     async def execute(
         self,
@@ -375,6 +443,7 @@ class Pipeline:
         hooks: Sequence[Hook] = (),
         tracer_provider: TracerProvider | None = None,
         meter_provider: MeterProvider | None = None,
+        hook_timeout: float = 30.0,
     ) -> PipelineResponse | Mapping[str, Any]:
         """Run the pipeline and describe what happened.
 
@@ -389,6 +458,8 @@ class Pipeline:
             hooks: Extra async callables awaited with every event of this run.
             tracer_provider: Where the run's spans go (the global provider by default).
             meter_provider: Where the run's metrics go (the global provider by default).
+            hook_timeout: Seconds one hook call may take; a hook that overruns
+                counts as failed and is not called again during this run.
 
         Returns:
             The response.
@@ -401,14 +472,15 @@ class Pipeline:
 
         if isinstance(request, StageContext):
             return await run_nested(self, request)
-        if request is None:
-            request = PipelineRequest(input=input or {})
-        elif input is not None:
-            raise TypeError("pass either a request or input=, not both")
-        elif not isinstance(request, PipelineRequest):
-            raise TypeError(f"execute() takes a pipekit.PipelineRequest, got {type(request).__name__}")
+        request = make_request(self, request, input, "Pipeline.execute()")
+        hook_timeout = _check_seconds("hook_timeout", hook_timeout) or 30.0
         return await execute_pipeline(
-            self, request, hooks=tuple(hooks), tracer_provider=tracer_provider, meter_provider=meter_provider
+            self,
+            request,
+            hooks=tuple(hooks),
+            tracer_provider=tracer_provider,
+            meter_provider=meter_provider,
+            hook_timeout=hook_timeout,
         )
 
     def validate(self, ctx: StageContext) -> None:
@@ -448,13 +520,22 @@ class AtomicPipeline(Pipeline):
     def keeps_partial_outputs(self) -> bool:
         return False
 
-    def _with_entries(self, new: Sequence[Entry]) -> Self:
-        for e in new:
+    def __attrs_post_init__(self) -> None:
+        super().__attrs_post_init__()
+        if not self.rollback_enabled:
+            raise PipelineDefinitionError(f"atomic pipeline {self.name!r} always rolls back; use a Pipeline instead")
+        self._refuse_continue_on_error(self.entries)
+
+    def _refuse_continue_on_error(self, entries: Sequence[Entry]) -> None:
+        for e in entries:
             if e.continue_on_error:
                 raise PipelineDefinitionError(
                     f"atomic pipeline {self.name!r}: stage {e.name!r} cannot use continue_on_error; "
                     "any failure rolls an atomic pipeline back"
                 )
+
+    def _with_entries(self, new: Sequence[Entry]) -> Self:
+        self._refuse_continue_on_error(new)
         return super()._with_entries(new)
 
     def with_rollback(self, enabled: bool = True, *, timeout: float | None = None) -> Self:

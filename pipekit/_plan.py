@@ -179,8 +179,12 @@ def resolve_dependencies(entries: Sequence[Entry]) -> dict[str, tuple[str, ...]]
     return {e.name: (e.depends_on if e.depends_on is not None else previous[e.group]) for e in entries}
 
 
-def compile_plan(pipeline: Pipeline) -> Plan:
+def compile_plan(pipeline: Pipeline, *, lenient: bool = False) -> Plan:
     """Resolve dependencies, reject unknown names and cycles, and build the graph.
+
+    With ``lenient`` (dry runs of a broken definition), unknown dependencies
+    are dropped and a cycle makes every stage a root, so each stage can still
+    be validated.
 
     Raises:
         PipelineDefinitionError: Naming every unknown dependency, or a cycle.
@@ -191,10 +195,14 @@ def compile_plan(pipeline: Pipeline) -> Plan:
         f"stage {name!r} depends on unknown stage {d!r}" for name, ds in deps.items() for d in ds if d not in deps
     ]
     if problems:
-        raise PipelineDefinitionError(f"pipeline {pipeline.name!r}: " + "; ".join(problems))
+        if not lenient:
+            raise PipelineDefinitionError(f"pipeline {pipeline.name!r}: " + "; ".join(problems))
+        deps = {name: tuple(d for d in ds if d in deps) for name, ds in deps.items()}
     cycle = find_cycle(deps)
     if cycle is not None:
-        raise PipelineDefinitionError(f"pipeline {pipeline.name!r} has a dependency cycle: {' -> '.join(cycle)}")
+        if not lenient:
+            raise PipelineDefinitionError(f"pipeline {pipeline.name!r} has a dependency cycle: {' -> '.join(cycle)}")
+        deps = dict.fromkeys(deps, ())
     nodes = [
         Node(
             i,

@@ -8,6 +8,7 @@ spawned only where the graph fans out.
 from __future__ import annotations
 
 import logging
+import math
 import time
 import types
 from collections import ChainMap
@@ -31,6 +32,7 @@ from ._errors import (
     PipelineDefinitionError,
     PipelineTimeoutError,
     RollbackError,
+    RollbackTimeoutError,
     StageFailedError,
     StageTimeoutError,
     ValidationError,
@@ -49,7 +51,7 @@ from ._instrument import (
     get_instruments,
     mark_error,
 )
-from ._plan import Node, Plan
+from ._plan import Node, Plan, compile_plan
 from ._policy import call_with_retry
 from ._request import PipelineRequest, PipelineResponse, StageResult
 from ._status import Status
@@ -80,11 +82,13 @@ class Emitter:
     """Delivers a run's events: synchronous listeners first, then async hooks.
 
     Listeners (the engine's history and broadcast) must not raise. A hook that
-    raises or overruns `HOOK_TIMEOUT` is logged with its traceback and
-    counted; it never breaks the run.
+    raises or overruns ``hook_timeout`` is logged with its traceback and
+    counted; it never breaks the run. A hook that overran is not called again
+    for the rest of the run, so a hung hook delays a run (or its shielded
+    cleanup) by one ``hook_timeout`` at most.
     """
 
-    __slots__ = ("failures", "hooks", "instruments", "listeners", "on_hook_failure")
+    __slots__ = ("disabled", "failures", "hook_timeout", "hooks", "instruments", "listeners", "on_hook_failure")
 
     def __init__(
         self,
@@ -92,18 +96,21 @@ class Emitter:
         listeners: Sequence[Callable[[ev.Event], None]] = (),
         on_hook_failure: Callable[[], None] | None = None,
         instruments: Instruments | None = None,
+        hook_timeout: float = HOOK_TIMEOUT,
     ) -> None:
         self.hooks = tuple(hooks)
         self.listeners = tuple(listeners)
         self.failures = 0
         self.on_hook_failure = on_hook_failure
         self.instruments = instruments
+        self.hook_timeout = hook_timeout
+        self.disabled: set[int] = set()
 
     def extend(self, hooks: Sequence[Hook]) -> Emitter:
         """An emitter that also awaits ``hooks`` (a nested pipeline's own); failures count here too."""
         if not hooks:
             return self
-        return Emitter((*self.hooks, *hooks), self.listeners, self._failed, self.instruments)
+        return Emitter((*self.hooks, *hooks), self.listeners, self._failed, self.instruments, self.hook_timeout)
 
     def _failed(self) -> None:
         self.failures += 1
@@ -113,10 +120,17 @@ class Emitter:
     async def emit(self, event: ev.Event) -> None:
         for listener in self.listeners:
             listener(event)
-        for hook in self.hooks:
+        for index, hook in enumerate(self.hooks):
+            if index in self.disabled:
+                continue
             try:
-                with anyio.fail_after(HOOK_TIMEOUT):
+                with anyio.move_on_after(self.hook_timeout) as scope:
                     await hook(event)
+                if scope.cancelled_caught:
+                    self.disabled.add(index)
+                    raise TimeoutError(
+                        f"hook took longer than {self.hook_timeout:g}s; it is not called again in this run"
+                    )
             except Exception:
                 self._failed()
                 if self.instruments is not None:
@@ -150,6 +164,7 @@ class _Run(_RunView):
         "culprit",
         "deadline",
         "debug",
+        "definition_errors",
         "dry_run",
         "emitter",
         "error",
@@ -238,6 +253,7 @@ class _Run(_RunView):
         self.start_ns: list[int] = []
         self.log: Any = _log
         self.debug = False
+        self.definition_errors: list[ValidationError] = []
 
     # -- control ------------------------------------------------------------
 
@@ -314,47 +330,58 @@ class _Run(_RunView):
         self.wall0 = time.time()
         self.mono0 = anyio.current_time()
         request = self.request
-        self.log.info("pipekit.pipeline.started", request_type=request.type, dry_run=self.dry_run)
-        if self.emitter is not None:
-            await self._emit(
-                ev.PipelineStarted(
-                    request_id=request.id,
-                    pipeline=self.pipeline_name,
-                    timestamp=self.wall0,
-                    request_type=request.type,
-                )
-            )
-        if self.dry_run:
-            return await self._finish_dry_run()
         limits = [t for t in (pipeline.timeout, request.options.timeout) if t is not None]
         self.deadline = min(limits) if limits else None
-        if self.cancel_requested:
-            # Cancelled while queued: settle without starting any stage.
-            self.stop = "cancelled"
-            self.response = await self._finish()
-            return self.response
+        self.log.info("pipekit.pipeline.started", request_type=request.type, dry_run=self.dry_run)
         cancelled_exc = anyio.get_cancelled_exc_class()
+        lock: anyio.Lock | None = None
         try:
-            with anyio.CancelScope() as scope:
-                self.run_scope = scope
-                if self.deadline is not None:
-                    scope.deadline = self.mono0 + self.deadline
-                async with anyio.create_task_group() as tg:
-                    self.tg = tg
-                    roots = self.plan.roots
-                    for r in roots[1:]:
-                        tg.start_soon(self._drive, r)
-                    if roots:
-                        await self._drive(roots[0])
-            if scope.cancelled_caught and self.stop is None:
-                self.stop = "cancelled" if self.cancel_requested else "timeout"
-        except cancelled_exc:
-            if self.stop is None:
-                self.stop = "cancelled"
-            with anyio.CancelScope(shield=True):
-                self.response = await self._finish()
-            raise
-        self.response = await self._finish()
+            try:
+                # Everything that may wait -- the first hook, another run of
+                # the same atomic pipeline, the stages -- happens inside the
+                # run's scope, so cancel() and the deadline reach all of it.
+                with anyio.CancelScope() as scope:
+                    self.run_scope = scope
+                    if self.cancel_requested:
+                        scope.cancel()
+                    if self.deadline is not None and not self.dry_run:
+                        scope.deadline = self.mono0 + self.deadline
+                    if self.emitter is not None:
+                        await self._emit(
+                            ev.PipelineStarted(
+                                request_id=request.id,
+                                pipeline=self.pipeline_name,
+                                timestamp=self.wall0,
+                                request_type=request.type,
+                            )
+                        )
+                    if self.dry_run:
+                        self.response = await self._finish_dry_run()
+                        return self.response
+                    if pipeline.serialised:
+                        candidate = _atomic_lock(pipeline)
+                        await candidate.acquire()
+                        lock = candidate
+                    await anyio.lowlevel.checkpoint_if_cancelled()  # cancelled before a stage started
+                    async with anyio.create_task_group() as tg:
+                        self.tg = tg
+                        roots = self.plan.roots
+                        for r in roots[1:]:
+                            tg.start_soon(self._drive, r)
+                        if roots:
+                            await self._drive(roots[0])
+                if scope.cancelled_caught and self.stop is None:
+                    self.stop = "cancelled" if self.cancel_requested else "timeout"
+            except cancelled_exc:
+                if self.stop is None:
+                    self.stop = "cancelled"
+                with anyio.CancelScope(shield=True):
+                    self.response = await self._finish()
+                raise
+            self.response = await self._finish()
+        finally:
+            if lock is not None:
+                lock.release()  # after the rollback: the next run sees a compensated world
         # A caller cancelled while the shielded rollback ran learns it now.
         await anyio.lowlevel.checkpoint_if_cancelled()
         return self.response
@@ -480,7 +507,17 @@ class _Run(_RunView):
 
                 out = await call_with_retry(node.retry, attempt, on_retry)
         except Exception as exc:
-            self.t1[i] = anyio.current_time()
+            t1 = self.t1[i] = anyio.current_time()
+            if anyio.current_effective_deadline() == -math.inf:
+                # The stage raised while being cancelled (fail-fast, the run's
+                # deadline, handle.cancel()): it was interrupted, not failed.
+                self.error[i] = exc
+                status = self._interrupted_status()
+                if span is not None:
+                    self._end_stage_span(span, token, status, self.attempts[i], exc)
+                self._record_stage(node, status, t1 - t0)
+                await anyio.lowlevel.checkpoint_if_cancelled()
+                raise AssertionError("unreachable: the task is cancelled") from exc  # pragma: no cover
             if span is not None:
                 self._end_stage_span(span, token, self._failed_status(node, exc), self.attempts[i], exc)
             await self._fail(i, exc)
@@ -609,8 +646,15 @@ class _Run(_RunView):
         coro = self._run_child(i, node, ctx) if node.nested is not None else node.stage.execute(ctx)
         if node.timeout is None:
             return await coro
-        with anyio.move_on_after(node.timeout) as scope:
-            return await coro
+        try:
+            with anyio.move_on_after(node.timeout) as scope:
+                return await coro
+        except Exception as exc:
+            if scope.cancel_called:
+                # The stage raised while being interrupted by its timeout: it
+                # still timed out, and its error is the cause.
+                raise StageTimeoutError(node.name, timeout=node.timeout, attempts=n) from exc
+            raise
         assert scope.cancelled_caught
         raise StageTimeoutError(node.name, timeout=node.timeout, attempts=n)
 
@@ -634,20 +678,6 @@ class _Run(_RunView):
         child = _Run(node.nested, node.nested.plan(), self.request, _child_emitter(self, node.nested), parent=self)
         self.children[i] = child
         return await _finish_child(child, node.name)
-
-    async def run_serialised(self) -> PipelineResponse:
-        """Run, waiting first for other runs of the same atomic pipeline."""
-        if not self.pipeline.serialised:
-            return await self.run()
-        locks = _atomic_locks.get(None)
-        if locks is None:
-            locks = WeakKeyDictionary()
-            _atomic_locks.set(locks)
-        lock = locks.get(self.pipeline)
-        if lock is None:
-            lock = locks[self.pipeline] = anyio.Lock()
-        async with lock:
-            return await self.run()
 
     async def _fail(self, i: int, exc: Exception) -> None:
         node = self.nodes[i]
@@ -764,17 +794,18 @@ class _Run(_RunView):
                 )
             )
         done = {i: anyio.Event() for i in order}
+        started: set[int] = set()
         timeout = self.pipeline.rollback_timeout
         with anyio.move_on_after(timeout):
             async with anyio.create_task_group() as tg:
                 for i, before in order.items():
-                    tg.start_soon(self._undo, i, [done[j] for j in before], done[i])
+                    tg.start_soon(self._undo, i, [done[j] for j in before], done[i], started)
         errors: list[BaseException] = []
-        for i in order:
-            if not self.rolled_back[i] and self.rollback_error[i] is None:
-                self.rollback_error[i] = TimeoutError(
-                    f"rollback of stage {nodes[i].name!r} did not finish within the {timeout:g}s rollback timeout"
-                )
+        unfinished = {i for i in order if not self.rolled_back[i] and self.rollback_error[i] is None}
+        for i, before in order.items():
+            if i in unfinished:
+                waiting = [nodes[j].name for j in before if j in unfinished] if i not in started else []
+                self.rollback_error[i] = RollbackTimeoutError(nodes[i].name, timeout=timeout, waiting_for=waiting)
                 await self._rollback_failed(i)
             if self.rollback_error[i] is not None:
                 errors.append(self.rollback_error[i])  # type: ignore[arg-type]
@@ -791,12 +822,13 @@ class _Run(_RunView):
             )
         return errors
 
-    async def _undo(self, i: int, before: list[anyio.Event], done: anyio.Event) -> None:
+    async def _undo(self, i: int, before: list[anyio.Event], done: anyio.Event, started: set[int]) -> None:
         node = self.nodes[i]
         span = token = None
         try:
             for event in before:
                 await event.wait()
+            started.add(i)
             tel = self.tel
             if tel is not None:
                 tel.rollbacks.add(1, node.telemetry.base)
@@ -963,7 +995,7 @@ class _Run(_RunView):
     # -- dry run ------------------------------------------------------------
 
     async def _finish_dry_run(self) -> PipelineResponse:
-        errors: list[ValidationError] = []
+        errors: list[ValidationError] = list(self.definition_errors)
         for i in self.plan.order:
             node = self.nodes[i]
             found = _validate_node(self, node)
@@ -988,6 +1020,18 @@ class _Run(_RunView):
             )
             self.stop = "failed"
         return await self._respond(error)
+
+
+def _atomic_lock(pipeline: Pipeline) -> anyio.Lock:
+    """The lock serialising runs of one atomic pipeline value, in this event loop."""
+    locks = _atomic_locks.get(None)
+    if locks is None:
+        locks = WeakKeyDictionary()
+        _atomic_locks.set(locks)
+    lock = locks.get(pipeline)
+    if lock is None:
+        lock = locks[pipeline] = anyio.Lock()
+    return lock
 
 
 def _debug_enabled(logger: Any) -> bool:
@@ -1055,16 +1099,30 @@ async def execute_pipeline(
     on_start: Callable[[_Run], None] | None = None,
     tracer_provider: TracerProvider | None = None,
     meter_provider: MeterProvider | None = None,
+    hook_timeout: float = HOOK_TIMEOUT,
 ) -> PipelineResponse:
     """Run ``pipeline`` for ``request`` and return the response (the public entry point)."""
-    plan = pipeline.plan()
+    definition_errors: list[ValidationError] = []
+    try:
+        plan = pipeline.plan()
+    except PipelineDefinitionError as exc:
+        if not request.options.dry_run:
+            raise
+        # A dry run reports a broken definition with everything else it finds.
+        problem = ValidationError(str(exc))
+        problem.__cause__ = exc
+        definition_errors.append(problem)
+        plan = compile_plan(pipeline, lenient=True)
     instruments = get_instruments(tracer_provider, meter_provider)
     all_hooks = (*pipeline.hooks, *hooks)
-    emitter = Emitter(all_hooks, listeners, on_hook_failure, instruments) if (all_hooks or listeners) else None
+    emitter = (
+        Emitter(all_hooks, listeners, on_hook_failure, instruments, hook_timeout) if (all_hooks or listeners) else None
+    )
     run = _Run(pipeline, plan, request, emitter, instruments=instruments)
+    run.definition_errors = definition_errors
     if on_start is not None:
         on_start(run)
-    return await run.run_serialised()
+    return await run.run()
 
 
 async def run_nested(pipeline: Pipeline, ctx: StageContext) -> Mapping[str, Any]:
@@ -1078,7 +1136,7 @@ async def run_nested(pipeline: Pipeline, ctx: StageContext) -> Mapping[str, Any]
 
 async def _finish_child(child: _Run, stage: str) -> dict[str, Any]:
     """Run a nested pipeline and hand its context writes to the parent."""
-    response = await child.run_serialised()
+    response = await child.run()
     if response.error is not None:
         raise response.error
     try:

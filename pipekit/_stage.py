@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import abc
+import functools
+import inspect
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol, overload, runtime_checkable
 
@@ -105,8 +107,17 @@ def _make(
     rollback: RollbackFunction | None,
     validate: ValidateFunction | None,
 ) -> FunctionStage:
-    if not callable(fn):
-        raise TypeError(f"@pipekit.stage needs an async function, got {fn!r}")
+    if not _is_async_callable(fn):
+        raise TypeError(
+            f"@pipekit.stage needs an async function (async def ...), got {getattr(fn, '__qualname__', fn)!r}"
+        )
+    for label, extra in (("rollback", rollback), ("validate", validate)):
+        if extra is not None and not callable(extra):
+            raise TypeError(f"@pipekit.stage {label}= takes a function, got {extra!r}")
+    if rollback is not None and not _is_async_callable(rollback):
+        raise TypeError(
+            f"@pipekit.stage rollback= needs an async function, got {getattr(rollback, '__qualname__', rollback)!r}"
+        )
     return FunctionStage(
         name=name if name is not None else getattr(fn, "__name__", repr(fn)),
         fn=fn,
@@ -158,6 +169,12 @@ def stage(
         return _make(f, name, rollback, validate)
 
     return decorate
+
+
+def _is_async_callable(fn: object) -> bool:
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(getattr(fn, "__call__", None))  # noqa: B004
 
 
 def find_validate(stage: object) -> ValidateFunction | None:

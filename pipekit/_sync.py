@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
+from ._pipeline import make_request
+
 if TYPE_CHECKING:
     from ._pipeline import Pipeline
     from ._request import PipelineRequest, PipelineResponse
@@ -34,8 +36,9 @@ def run(
     Returns:
         The response (stage failures do not raise).
     """
+    request = make_request(pipeline, request, input, "pipekit.run()")
 
     async def main() -> PipelineResponse:
-        return await pipeline.execute(request, input=input)
+        return await pipeline.execute(request)
 
     return anyio.run(main, backend=backend)

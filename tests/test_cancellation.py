@@ -554,3 +554,50 @@ class TestFailFast:
         assert t.undone == ["x", "a"]
         assert t.interrupted == ["stuck"]
         assert response.stages["inner"].status is pk.Status.CANCELLED
+
+
+class TestErrorsRaisedWhileInterrupted:
+    """A stage whose cleanup raises while it is being interrupted was interrupted, not failed."""
+
+    @staticmethod
+    def cleanup_fails(entered: anyio.Event | None = None) -> pk.FunctionStage:
+        async def upload(ctx: pk.StageContext) -> None:
+            try:
+                if entered is not None:
+                    entered.set()
+                await anyio.sleep_forever()
+            finally:
+                raise ConnectionResetError("connection dropped during cleanup")
+
+        return pk.stage(name="upload")(upload)
+
+    async def test_stage_timeout(self) -> None:
+        """The stage's own timeout wins: TIMED_OUT, with the cleanup error as the cause."""
+        response = await pk.Pipeline("p").add_stage(self.cleanup_fails(), timeout=0.02).execute()
+        assert response.status is pk.Status.TIMED_OUT
+        error = response.stages["upload"].error
+        assert isinstance(error, pk.StageTimeoutError)
+        assert isinstance(error.__cause__, ConnectionResetError)
+
+    async def test_run_timeout(self) -> None:
+        """The run's deadline wins: TIMED_OUT with PipelineTimeoutError; the cleanup error is kept on the stage."""
+        response = await pk.Pipeline("p").add_stage(self.cleanup_fails()).with_timeout(0.02).execute()
+        assert response.status is pk.Status.TIMED_OUT
+        assert isinstance(response.error, pk.PipelineTimeoutError)
+        assert response.stages["upload"].status is pk.Status.TIMED_OUT
+        assert isinstance(response.stages["upload"].error, ConnectionResetError)
+
+    async def test_fail_fast_sibling(self) -> None:
+        """A sibling interrupted by fail-fast is CANCELLED even though its cleanup raised."""
+        entered = anyio.Event()
+
+        @pk.stage
+        async def breaks(ctx: pk.StageContext) -> None:
+            await entered.wait()
+            raise BoomError("the real failure")
+
+        response = await pk.Pipeline("p").add_parallel_stages(self.cleanup_fails(entered), breaks).execute()
+        assert response.status is pk.Status.FAILED
+        assert isinstance(response.error, pk.StageFailedError)
+        assert response.error.stage == "breaks"
+        assert response.stages["upload"].status is pk.Status.CANCELLED

@@ -19,7 +19,8 @@ import pytest
 
 import pipekit
 
-DOCS = Path(__file__).resolve().parent.parent / "docs"
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = ROOT / "docs"
 COMPILE_ONLY = "# docs: compile-only"
 
 # An opening fence (any indentation, e.g. inside an admonition), its info string starting with "python".
@@ -37,7 +38,7 @@ class Block:
 
     @property
     def id(self) -> str:
-        return f"{self.path.relative_to(DOCS).as_posix()}#{self.index}"
+        return f"{self.path.relative_to(ROOT).as_posix()}#{self.index}"
 
 
 def extract_blocks(path: Path) -> list[Block]:
@@ -66,7 +67,8 @@ def extract_blocks(path: Path) -> list[Block]:
 
 def all_blocks() -> list[Block]:
     """Every python block of every page, in a stable order."""
-    return [block for path in sorted(DOCS.rglob("*.md")) for block in extract_blocks(path)]
+    pages = [ROOT / "README.md", *sorted(DOCS.rglob("*.md"))]
+    return [block for path in pages for block in extract_blocks(path)]
 
 
 BLOCKS = all_blocks()
@@ -91,7 +93,7 @@ class TestExtraction:
     def test_docs_have_python_examples(self) -> None:
         """The extractor finds the examples (an empty parametrisation would pass silently)."""
         assert len(BLOCKS) >= 20
-        assert {b.path.name for b in BLOCKS} >= {"index.md", "quickstart.md", "rollback.md", "engine.md"}
+        assert {b.path.name for b in BLOCKS} >= {"README.md", "index.md", "quickstart.md", "rollback.md", "engine.md"}
 
     def test_extract_blocks_handles_indentation_and_other_languages(self, tmp_path: Path) -> None:
         """Indented fences are dedented; non-python fences and unclosed blocks are handled."""

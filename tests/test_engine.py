@@ -605,3 +605,76 @@ class TestLifecycle:
             with pytest.raises(RuntimeError, match="once"):
                 async with engine:
                     pass
+
+
+class TestCancellationWindows:
+    """Every handle settles with a response, whatever it was waiting for when cancelled."""
+
+    async def test_owner_cancelled_while_a_hook_handles_pipeline_started(self) -> None:
+        """A run cancelled inside its first hook call still ends CANCELLED with a response."""
+        in_hook = anyio.Event()
+
+        async def slow_hook(event: pk.Event) -> None:
+            if isinstance(event, pk.PipelineStarted):
+                in_hook.set()
+                await anyio.sleep_forever()
+
+        ran: list[str] = []
+        with anyio.fail_after(5):
+            with anyio.CancelScope() as scope:
+                async with pk.Engine(hooks=[slow_hook]) as engine:
+                    handle = await engine.submit(pk.Pipeline("p").add_stage(recording("s", ran)))
+                    await in_hook.wait()
+                    scope.cancel()
+            response = await handle.wait()
+        assert response.status is pk.Status.CANCELLED
+        assert response.stages["s"].status is pk.Status.SKIPPED
+        assert ran == []
+
+    async def test_cancel_reaches_a_run_waiting_for_an_atomic_lock(self) -> None:
+        """handle.cancel() of a run queued behind another run of the same atomic pipeline returns at once."""
+        gate = Gate()
+        pipeline = pk.AtomicPipeline("atomic").add_stage(gated("work", gate))
+        with anyio.fail_after(5):
+            async with pk.Engine(max_concurrent=2) as engine:
+                first = await engine.submit(pipeline)
+                await gate.started.wait()
+                second = await engine.submit(pipeline)
+                await anyio.wait_all_tasks_blocked()
+                response = await second.cancel()
+                assert response.status is pk.Status.CANCELLED
+                assert response.stages["work"].status is pk.Status.SKIPPED
+                assert not first.done()  # the first run was not waited for
+                gate.release.set()
+        assert first.status is pk.Status.SUCCEEDED
+
+    async def test_owner_cancelled_while_a_run_waits_for_an_atomic_lock(self) -> None:
+        """Both the running and the lock-waiting atomic run end CANCELLED with responses."""
+        gate = Gate()
+        pipeline = pk.AtomicPipeline("atomic").add_stage(gated("work", gate))
+        with anyio.fail_after(5):
+            with anyio.CancelScope() as scope:
+                async with pk.Engine(max_concurrent=2) as engine:
+                    first = await engine.submit(pipeline)
+                    await gate.started.wait()
+                    second = await engine.submit(pipeline)
+                    await anyio.wait_all_tasks_blocked()
+                    scope.cancel()
+            assert (await first.wait()).status is pk.Status.CANCELLED
+            assert (await second.wait()).status is pk.Status.CANCELLED
+
+
+class TestSubmitMistakes:
+    """Wrong arguments to submit are clear TypeErrors, not AttributeErrors from inside."""
+
+    async def test_submitting_a_stage(self) -> None:
+        """A stage instead of a pipeline says how to wrap it."""
+        async with pk.Engine() as engine:
+            with pytest.raises(TypeError, match=r"takes a pipekit.Pipeline, got FunctionStage; wrap a single stage"):
+                await engine.submit(recording("a", []))  # type: ignore[arg-type]
+
+    async def test_submitting_a_dict_as_request(self) -> None:
+        """A mapping instead of a request points at input=."""
+        async with pk.Engine() as engine:
+            with pytest.raises(TypeError, match=r"got dict; pass a plain mapping as input="):
+                await engine.submit(pk.Pipeline("p").add_stage(recording("a", [])), {"x": 1})  # type: ignore[arg-type]

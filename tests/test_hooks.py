@@ -328,3 +328,66 @@ class TestFailingHooks:
         assert metrics.hook_failures == 6 + 6 + 2
         assert metrics.succeeded == 2
         assert other.hook_failures == 0
+
+
+class TestHangingHooks:
+    """A hook that never returns delays a run by one hook_timeout at most."""
+
+    async def test_hanging_hook_is_bounded_and_disabled(self) -> None:
+        """A hook that hangs on every event times out once, is counted, and is not called again."""
+        calls: list[str] = []
+
+        async def hangs(event: pk.Event) -> None:
+            calls.append(event.kind)
+            await anyio.sleep_forever()
+
+        pipeline = pk.Pipeline("p").add_stage(returning("a")).add_stage(returning("b")).add_stage(returning("c"))
+        with anyio.fail_after(5):
+            response = await pipeline.execute(hooks=[hangs], hook_timeout=0.05)
+        assert response.ok
+        assert calls == ["pipeline_started"]
+        assert response.hook_failures == 1
+
+    async def test_hanging_hook_does_not_stretch_a_run_timeout(self) -> None:
+        """With a hook hanging from mid-run, a timed-out run with many stages still ends promptly."""
+        started = anyio.Event()
+
+        async def hangs_after_start(event: pk.Event) -> None:
+            # Hangs on every event from the first stage start on: the run's
+            # deadline interrupts the first hang, the shielded clean-up's
+            # events would each hang if the hook were not disabled.
+            if isinstance(event, pk.StageStarted) or started.is_set():
+                started.set()
+                await anyio.sleep_forever()
+
+        @pk.stage
+        async def slow(ctx: pk.StageContext) -> None:
+            await anyio.sleep_forever()
+
+        pipeline = pk.Pipeline("p").add_parallel_stages(*(pk.stage(name=f"s{i}")(slow.fn) for i in range(10)))
+        pipeline = pipeline.with_timeout(0.05)
+        before = anyio.current_time()
+        with anyio.fail_after(5):
+            response = await pipeline.execute(hooks=[hangs_after_start], hook_timeout=0.1)
+        assert response.status is pk.Status.TIMED_OUT
+        # One hook timeout (0.1 s) plus the run timeout, not one per event (~20 of them).
+        assert anyio.current_time() - before < 1.0
+        assert response.hook_failures == 1
+
+    async def test_engine_hook_timeout_is_configurable(self) -> None:
+        """Engine(hook_timeout=...) bounds hook calls of its runs."""
+
+        async def hangs(event: pk.Event) -> None:
+            await anyio.sleep_forever()
+
+        with anyio.fail_after(5):
+            async with pk.Engine(hooks=[hangs], hook_timeout=0.05) as engine:
+                response = await engine.execute(pk.Pipeline("p").add_stage(returning("a")))
+        assert response.ok
+        assert response.hook_failures == 1
+        assert engine.metrics("p").hook_failures == 1
+
+    def test_hook_timeout_must_be_positive(self) -> None:
+        """A non-positive hook timeout is refused up front."""
+        with pytest.raises(ValueError, match="hook_timeout"):
+            pk.Engine(hook_timeout=0)

@@ -595,3 +595,67 @@ class TestNesting:
         inner = pk.Pipeline("inner").add_stage(make_stage("x"))
         with pytest.raises(pk.PipelineDefinitionError, match="'inner'"):
             pk.Pipeline("outer").add_stage(inner).add_stage(inner)
+
+
+class TestBuildMistakes:
+    """Common mistakes are refused where they are made, with a message saying what to do."""
+
+    def test_stage_class_instead_of_instance(self) -> None:
+        """Adding the class of a stage asks for an instance."""
+
+        class Migrate(pk.BaseStage):
+            name = "migrate"
+
+            async def execute(self, ctx: pk.StageContext) -> None: ...
+
+        with pytest.raises(pk.PipelineDefinitionError, match=r"Migrate\(\) rather than Migrate"):
+            pk.Pipeline("p").add_stage(Migrate)  # type: ignore[arg-type]
+
+    def test_sync_function_as_stage(self) -> None:
+        """@pk.stage on a plain function fails at decoration time."""
+
+        def not_async(ctx: pk.StageContext) -> int:
+            return 1
+
+        with pytest.raises(TypeError, match=r"needs an async function \(async def ...\), got '.*not_async'"):
+            pk.stage(not_async)  # type: ignore[arg-type]
+
+    def test_sync_rollback(self) -> None:
+        """A synchronous rollback= is refused too."""
+
+        async def work(ctx: pk.StageContext) -> None: ...
+
+        def undo(ctx: pk.StageContext) -> None: ...
+
+        with pytest.raises(TypeError, match="rollback= needs an async function"):
+            pk.stage(rollback=undo)(work)  # type: ignore[arg-type]
+
+    def test_parallel_group_depending_on_its_member(self) -> None:
+        """A group cannot depend on one of its own members."""
+
+        async def work(ctx: pk.StageContext) -> None: ...
+
+        x, y = pk.stage(name="x")(work), pk.stage(name="y")(work)
+        with pytest.raises(pk.PipelineDefinitionError, match="cannot depend on its own member 'x'"):
+            pk.Pipeline("p").add_parallel_stages(x, y, depends_on=("x",))
+
+    def test_constructor_options_are_checked(self) -> None:
+        """Options given to the constructor get the same checks as the builder methods."""
+        with pytest.raises(pk.PipelineDefinitionError, match="timeout must be a number of seconds > 0"):
+            pk.Pipeline("p", timeout=-1)
+        with pytest.raises(pk.PipelineDefinitionError, match="rollback_timeout"):
+            pk.Pipeline("p", rollback_timeout=0)
+        with pytest.raises(pk.PipelineDefinitionError, match="hooks must be async callables"):
+            pk.Pipeline("p", hooks=[42])  # type: ignore[list-item]
+        with pytest.raises(pk.PipelineDefinitionError, match="always rolls back"):
+            pk.AtomicPipeline("atom", rollback_enabled=False)
+
+    def test_constructor_hooks_become_a_tuple(self) -> None:
+        """Hooks passed as a list are frozen into a tuple, so the pipeline stays immutable."""
+
+        async def hook(event: pk.Event) -> None: ...
+
+        hooks = [hook]
+        pipeline = pk.Pipeline("p", hooks=hooks)
+        hooks.append(hook)
+        assert pipeline.hooks == (hook,)

@@ -1150,3 +1150,42 @@ class TestRollbackEvents:
         await outer.execute(hooks=[hook])
         rolled = {(e.pipeline, e.stage) for e in hook.of(pk.StageRolledBack)}
         assert rolled == {("inner", "x"), ("outer", "inner")}
+
+
+class TestRollbackTimeoutErrors:
+    """Rollbacks that run out of time say whether they hung or never started."""
+
+    async def test_hung_and_waiting_rollbacks(self) -> None:
+        """The hung rollback 'did not finish'; the one waiting behind it 'did not start', naming it."""
+        log: list[str] = []
+
+        async def undo_a(ctx: pk.StageContext) -> None:
+            log.append("undo a")
+
+        async def undo_b(ctx: pk.StageContext) -> None:
+            await anyio.sleep_forever()
+
+        @pk.stage(rollback=undo_a)
+        async def a(ctx: pk.StageContext) -> None: ...
+
+        @pk.stage(rollback=undo_b)
+        async def b(ctx: pk.StageContext) -> None: ...
+
+        @pk.stage
+        async def c(ctx: pk.StageContext) -> None:
+            raise BoomError("c broke")
+
+        pipeline = pk.Pipeline("p").add_stage(a).add_stage(b).add_stage(c).with_rollback(timeout=0.05)
+        with anyio.fail_after(5):
+            response = await pipeline.execute()
+        b_error = response.stages["b"].rollback_error
+        a_error = response.stages["a"].rollback_error
+        assert isinstance(b_error, pk.RollbackTimeoutError)
+        assert "did not finish within the 0.05s rollback timeout" in str(b_error)
+        assert isinstance(a_error, pk.RollbackTimeoutError)
+        assert a_error.waiting_for == ("b",)
+        assert "did not start" in str(a_error)
+        assert log == []
+        assert isinstance(response.error, pk.StageFailedError)
+        assert response.error.rollback_error is not None
+        assert set(response.error.rollback_error.exceptions) == {a_error, b_error}

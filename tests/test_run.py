@@ -710,12 +710,28 @@ class TestDryRun:
         assert len(response.error.errors) == 3
         assert not [entry for entry in log if entry.startswith("execute")]
 
-    async def test_dry_run_checks_definition(self) -> None:
-        """A dry run of a broken definition raises PipelineDefinitionError."""
+    async def test_dry_run_reports_definition_problems_with_the_rest(self) -> None:
+        """A broken definition is one more problem in the dry run's report; every stage is still validated."""
+        log: list[str] = []
+        pipeline = (
+            pk.Pipeline("p")
+            .add_stage(Checked("a", None, log), depends_on=("missing",))
+            .add_stage(Checked("b", "no credentials", log))
+        )
+        response = await pipeline.execute(DRY_RUN)
+        assert response.status is pk.Status.FAILED
+        assert isinstance(response.error, pk.ValidationError)
+        messages = [str(e) for e in response.error.errors]
+        assert messages == ["pipeline 'p': stage 'a' depends on unknown stage 'missing'", "stage 'b': no credentials"]
+        assert isinstance(response.error.errors[0].__cause__, pk.PipelineDefinitionError)
+        assert log == ["validate a dry_run=True", "validate b dry_run=True"]
+
+    async def test_broken_definition_still_raises_outside_dry_runs(self) -> None:
+        """Outside a dry run, a broken definition raises before anything runs."""
         log: list[str] = []
         pipeline = pk.Pipeline("p").add_stage(Checked("a", None, log), depends_on=("missing",))
         with pytest.raises(pk.PipelineDefinitionError, match="'missing'"):
-            await pipeline.execute(DRY_RUN)
+            await pipeline.execute()
         assert log == []
 
 
