@@ -352,7 +352,7 @@ class Engine:
             if handle._response is None and handle._run is not None:
                 handle._response = handle._run.response
             if handle._response is not None:
-                self._record(tally, handle._response)
+                self._record(tally, handle._response, dry_run=handle.request.options.dry_run)
             handle._log.close()
             handle._done.set()
             self._retire(handle)
@@ -475,7 +475,9 @@ class Engine:
             )
         return tally
 
-    def _record(self, tally: _Tally, response: PipelineResponse) -> None:
+    def _record(self, tally: _Tally, response: PipelineResponse, *, dry_run: bool) -> None:
+        if dry_run:  # a check, not an execution (the instruments skip it too)
+            return
         tally.total += 1
         status = response.status
         if status is Status.SUCCEEDED:

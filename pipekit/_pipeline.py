@@ -94,8 +94,8 @@ def _check_entries(_inst: object, _attribute: attrs.Attribute[Any], value: tuple
 def make_request(
     pipeline: object,
     request: object,
-    input: Mapping[str, Any] | None,
-    caller: str,  # noqa: A002
+    input: Mapping[str, Any] | None,  # noqa: A002 - the documented name
+    caller: str,
 ) -> PipelineRequest:
     """Check what a caller passed to run a pipeline, and build the request.
 

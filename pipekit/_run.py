@@ -14,6 +14,7 @@ import types
 from collections import ChainMap
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 from weakref import WeakKeyDictionary
 
@@ -71,6 +72,7 @@ HOOK_TIMEOUT = 30.0
 
 _atomic_locks: RunVar[WeakKeyDictionary[Pipeline, anyio.Lock]] = RunVar("pipekit_atomic_locks")
 
+_NO_IDS: Mapping[str, str] = MappingProxyType({})
 _PENDING = Status.PENDING
 _RUNNING = Status.RUNNING
 _SUCCEEDED = Status.SUCCEEDED
@@ -169,9 +171,11 @@ class _Run(_RunView):
         "emitter",
         "error",
         "failure",
+        "is_child",
         "log",
         "mono0",
         "nodes",
+        "orphan_hook_failures",
         "output",
         "outputs",
         "outputs_view",
@@ -253,6 +257,8 @@ class _Run(_RunView):
         self.start_ns: list[int] = []
         self.log: Any = _log
         self.debug = False
+        self.is_child = parent is not None
+        self.orphan_hook_failures = 0  # failing hooks of nested pipelines when this run has no emitter
         self.definition_errors: list[ValidationError] = []
 
     # -- control ------------------------------------------------------------
@@ -287,7 +293,9 @@ class _Run(_RunView):
         tel = self.tel
         if tel is None:
             return await self._run()
-        parent = propagate.extract(request.carrier) if request.carrier else None
+        # Only the outermost run continues the caller's remote trace; a nested
+        # run's parent is the nesting stage's span.
+        parent = propagate.extract(request.carrier) if request.carrier and not self.is_child else None
         span = tel.tracer.start_span(
             f"pipeline {self.pipeline_name}",
             context=parent,
@@ -474,25 +482,27 @@ class _Run(_RunView):
         self.attempts[i] = 1
         ctx = StageContext(self, node.name)
         emitter = self.emitter
-        if self.debug:
-            self.log.debug("pipekit.stage.started", stage=node.name, attempt=1)
-        if emitter is not None:
-            await emitter.emit(
-                ev.StageStarted(
-                    request_id=self.request.id,
-                    pipeline=self.pipeline_name,
-                    timestamp=self._now_wall(t0),
-                    stage=node.name,
-                    attempt=1,
-                )
-            )
         span = token = None
+        ids: Mapping[str, str] = _NO_IDS
         if self.tracing:
             assert self.tel is not None
             span = self.tel.tracer.start_span(f"stage {node.name}", attributes=node.telemetry.span_attributes)
             self.start_ns[i] = getattr(span, "start_time", None) or time.time_ns()
             token = otel_context.attach(trace.set_span_in_context(span))
+            ids = {"span_id": f"{span.get_span_context().span_id:016x}"}
+        if self.debug:
+            self.log.debug("pipekit.stage.started", stage=node.name, attempt=1, **ids)
         try:
+            if emitter is not None:
+                await emitter.emit(
+                    ev.StageStarted(
+                        request_id=self.request.id,
+                        pipeline=self.pipeline_name,
+                        timestamp=self._now_wall(t0),
+                        stage=node.name,
+                        attempt=1,
+                    )
+                )
             if node.validate is not None:
                 node.validate(ctx)
             if node.retry is None:
@@ -520,7 +530,7 @@ class _Run(_RunView):
                 raise AssertionError("unreachable: the task is cancelled") from exc  # pragma: no cover
             if span is not None:
                 self._end_stage_span(span, token, self._failed_status(node, exc), self.attempts[i], exc)
-            await self._fail(i, exc)
+            await self._fail(i, exc, ids)
             return
         except BaseException:
             t1 = self.t1[i] = anyio.current_time()
@@ -537,7 +547,9 @@ class _Run(_RunView):
             self._end_stage_span(span, token, _SUCCEEDED, self.attempts[i], None)
         self._record_stage(node, _SUCCEEDED, t1 - t0)
         if self.debug:
-            self.log.debug("pipekit.stage.succeeded", stage=node.name, attempt=self.attempts[i], duration=t1 - t0)
+            self.log.debug(
+                "pipekit.stage.succeeded", stage=node.name, attempt=self.attempts[i], duration=t1 - t0, **ids
+            )
         if emitter is not None:
             await emitter.emit(
                 ev.StageSucceeded(
@@ -594,6 +606,7 @@ class _Run(_RunView):
             attempt=attempt,
             delay=delay,
             error=repr(error),
+            **({"span_id": f"{span.get_span_context().span_id:016x}"} if span is not None else _NO_IDS),
         )
         tel = self.tel
         if tel is not None:
@@ -679,7 +692,7 @@ class _Run(_RunView):
         self.children[i] = child
         return await _finish_child(child, node.name)
 
-    async def _fail(self, i: int, exc: Exception) -> None:
+    async def _fail(self, i: int, exc: Exception, ids: Mapping[str, str] = MappingProxyType({})) -> None:
         node = self.nodes[i]
         status = self._failed_status(node, exc)
         self._record_stage(node, status, self.t1[i] - self.t0[i])
@@ -699,6 +712,7 @@ class _Run(_RunView):
             status=status.value,
             error=repr(exc),
             continue_on_error=node.continue_on_error,
+            **ids,
         )
         if self.emitter is not None:
             with anyio.CancelScope(shield=True):
@@ -735,6 +749,9 @@ class _Run(_RunView):
             if s is _RUNNING:
                 status[i] = Status.TIMED_OUT if stop == "timeout" else Status.CANCELLED
                 self.reason[i] = f"interrupted: {reason}"
+                self.log.info(
+                    "pipekit.stage.cancelled", stage=node.name, attempt=self.attempts[i], status=status[i].value
+                )
                 if self.emitter is not None:
                     with anyio.CancelScope(shield=True):
                         await self._emit(
@@ -988,7 +1005,7 @@ class _Run(_RunView):
             started_at=datetime.fromtimestamp(wall0, UTC),
             finished_at=datetime.fromtimestamp(wall0 + end - mono0, UTC),
             duration=duration,
-            hook_failures=self.emitter.failures if self.emitter is not None else 0,
+            hook_failures=(self.emitter.failures if self.emitter is not None else 0) + self.orphan_hook_failures,
         )
         return response
 
@@ -1047,7 +1064,13 @@ def _debug_enabled(logger: Any) -> bool:
 def _child_emitter(parent: _Run, nested: Pipeline) -> Emitter | None:
     if parent.emitter is not None:
         return parent.emitter.extend(nested.hooks)
-    return Emitter(nested.hooks) if nested.hooks else None
+    if not nested.hooks:
+        return None
+
+    def count() -> None:
+        parent.orphan_hook_failures += 1
+
+    return Emitter(nested.hooks, (), count, parent.tel)
 
 
 def _validate_node(run: _RunView, node: Node) -> list[ValidationError]:
