@@ -121,13 +121,14 @@ class StageContext:
     [`ContextConflictError`][pipekit.ContextConflictError].
     """
 
-    __slots__ = ("_attempt", "_log", "_run", "_stage")
+    __slots__ = ("_attempt", "_log", "_run", "_span", "_stage")
 
     def __init__(self, run: _RunView, stage: str, attempt: int = 1) -> None:
         self._run = run
         self._stage = stage
         self._attempt = attempt
         self._log: Any = None
+        self._span: Any = None  # the stage's (or current attempt's) span, set by the runner when traced
 
     @overload
     def __getitem__(self, key: Key[T]) -> T: ...
@@ -213,7 +214,8 @@ class StageContext:
                 stage=self._stage,
                 attempt=self._attempt,
             )
-            span_context = trace.get_current_span().get_span_context()
+            span = self._span if self._span is not None else trace.get_current_span()
+            span_context = span.get_span_context()
             if span_context.is_valid:
                 log = log.bind(trace_id=f"{span_context.trace_id:032x}", span_id=f"{span_context.span_id:016x}")
             self._log = log

@@ -13,6 +13,7 @@ documents them.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 from weakref import WeakKeyDictionary
 
@@ -120,13 +121,29 @@ class Instruments:
         )
 
 
+#: Providers used when a run is given none, instead of the global ones; a
+#: context variable, so it applies to the current task and the tasks it starts.
+default_providers: ContextVar[tuple[TracerProvider | None, MeterProvider | None]] = ContextVar(
+    "pipekit_default_providers", default=(None, None)
+)
+
 _cache: WeakKeyDictionary[Any, WeakKeyDictionary[Any, Instruments]] = WeakKeyDictionary()
 
 
 def get_instruments(
     tracer_provider: TracerProvider | None = None, meter_provider: MeterProvider | None = None
 ) -> Instruments:
-    """The cached instruments for these providers (the global ones by default)."""
+    """The cached instruments for these providers.
+
+    Providers not given come from `default_providers` (set by
+    `pipekit.testing.capture_spans`, for instance), else the global ones.
+    """
+    if tracer_provider is None or meter_provider is None:
+        tp_default, mp_default = default_providers.get()
+        if tracer_provider is None:
+            tracer_provider = tp_default
+        if meter_provider is None:
+            meter_provider = mp_default
     tp = tracer_provider if tracer_provider is not None else trace.get_tracer_provider()
     mp = meter_provider if meter_provider is not None else metrics.get_meter_provider()
     by_meter = _cache.get(tp)
@@ -172,10 +189,12 @@ class AttributeCache:
 class NodeAttributes(AttributeCache):
     """A stage's cached attributes; its span also names its dependencies."""
 
-    __slots__ = ("span_attributes",)
+    __slots__ = ("rollback_span_name", "span_attributes", "span_name")
 
     def __init__(self, base: Mapping[str, Any], depends_on: Sequence[str] = ()) -> None:
         super().__init__(base)
+        self.span_name = f"stage {base[ATTR_STAGE]}"
+        self.rollback_span_name = f"rollback {base[ATTR_STAGE]}"
         self.span_attributes: Mapping[str, Any] = (
             {**self.base, ATTR_DEPENDS_ON: list(depends_on)} if depends_on else self.base
         )

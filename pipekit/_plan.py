@@ -57,6 +57,7 @@ class Node:
         "continue_on_error",
         "dependents",
         "deps",
+        "explicit_deps",
         "group",
         "index",
         "limit",
@@ -84,6 +85,7 @@ class Node:
         self.continue_on_error = entry.continue_on_error
         self.group = entry.group
         self.limit = entry.limit
+        self.explicit_deps = entry.depends_on is not None
         self.nested: Pipeline | None = stage if isinstance(stage, Pipeline) else None
         # A nested pipeline validates each inner stage itself, right before it
         # runs; only dry runs validate it as a whole (see _run._validate_node).
@@ -115,7 +117,9 @@ class Plan:
         self.roots: tuple[int, ...] = tuple(n.index for n in nodes if not n.deps)
         self.telemetry = AttributeCache({ATTR_PIPELINE: pipeline_name})
         for node in self.nodes:
-            depends_on = [self.nodes[d].name for d in node.deps]
+            # Only stages placed in a graph explicitly (depends_on=...) name their
+            # dependencies on their span; a plain chain needs no attribute for it.
+            depends_on = [self.nodes[d].name for d in node.deps] if node.explicit_deps else []
             node.telemetry = NodeAttributes({ATTR_PIPELINE: pipeline_name, ATTR_STAGE: node.name}, depends_on)
 
     def depends(self, later: int, earlier: int) -> bool:

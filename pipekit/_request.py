@@ -96,6 +96,10 @@ class StageResult:
         rolled_back: Whether its rollback ran successfully.
         rollback_error: The error its rollback raised, if any.
         reason: Why it was skipped or cancelled, in words.
+        start_index: Its place in the order stages started in this run
+            (0 for the first), or None if it never started.
+        rollback_index: Its place in the order rollbacks finished in this
+            run, or None if it was not compensated.
     """
 
     name: str
@@ -109,6 +113,8 @@ class StageResult:
     rolled_back: bool = False
     rollback_error: BaseException | None = None
     reason: str | None = None
+    start_index: int | None = None
+    rollback_index: int | None = None
 
 
 @attrs.frozen(kw_only=True)

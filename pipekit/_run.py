@@ -13,6 +13,7 @@ import time
 import types
 from collections import ChainMap
 from collections.abc import Callable, Mapping, Sequence
+from contextvars import ContextVar
 from datetime import UTC, datetime
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
@@ -70,6 +71,10 @@ _log = structlog.get_logger("pipekit")
 #: Seconds one hook call may take before it counts as failed.
 HOOK_TIMEOUT = 30.0
 
+#: Extra event listeners for every run started in this context
+#: (`pipekit.testing.capture_events` sets it).
+extra_listeners: ContextVar[tuple[Callable[[ev.Event], None], ...]] = ContextVar("pipekit_extra_listeners", default=())
+
 _atomic_locks: RunVar[WeakKeyDictionary[Pipeline, anyio.Lock]] = RunVar("pipekit_atomic_locks")
 
 _NO_IDS: Mapping[str, str] = MappingProxyType({})
@@ -90,7 +95,16 @@ class Emitter:
     cleanup) by one ``hook_timeout`` at most.
     """
 
-    __slots__ = ("disabled", "failures", "hook_timeout", "hooks", "instruments", "listeners", "on_hook_failure")
+    __slots__ = (
+        "disabled",
+        "failures",
+        "hook_timeout",
+        "hooks",
+        "instruments",
+        "listeners",
+        "on_hook_failure",
+        "root",
+    )
 
     def __init__(
         self,
@@ -98,7 +112,9 @@ class Emitter:
         listeners: Sequence[Callable[[ev.Event], None]] = (),
         on_hook_failure: Callable[[], None] | None = None,
         instruments: Instruments | None = None,
+        *,
         hook_timeout: float = HOOK_TIMEOUT,
+        root: str = "",
     ) -> None:
         self.hooks = tuple(hooks)
         self.listeners = tuple(listeners)
@@ -107,12 +123,20 @@ class Emitter:
         self.instruments = instruments
         self.hook_timeout = hook_timeout
         self.disabled: set[int] = set()
+        self.root = root
 
     def extend(self, hooks: Sequence[Hook]) -> Emitter:
         """An emitter that also awaits ``hooks`` (a nested pipeline's own); failures count here too."""
         if not hooks:
             return self
-        return Emitter((*self.hooks, *hooks), self.listeners, self._failed, self.instruments, self.hook_timeout)
+        return Emitter(
+            (*self.hooks, *hooks),
+            self.listeners,
+            self._failed,
+            self.instruments,
+            hook_timeout=self.hook_timeout,
+            root=self.root,
+        )
 
     def _failed(self) -> None:
         self.failures += 1
@@ -136,7 +160,8 @@ class Emitter:
             except Exception:
                 self._failed()
                 if self.instruments is not None:
-                    self.instruments.hook_failures.add(1, {ATTR_PIPELINE: event.pipeline})
+                    # Counted under the pipeline that was executed (the outermost one).
+                    self.instruments.hook_failures.add(1, {ATTR_PIPELINE: self.root or event.pipeline})
                 _log.exception(
                     "pipekit.hook.failed",
                     hook=getattr(hook, "__qualname__", repr(hook)),
@@ -144,6 +169,7 @@ class Emitter:
                     request_id=event.request_id,
                     pipeline=event.pipeline,
                     stage=event.stage,
+                    **_span_ids(),
                 )
 
 
@@ -179,6 +205,7 @@ class _Run(_RunView):
         "output",
         "outputs",
         "outputs_view",
+        "parent_run",
         "pipeline",
         "pipeline_name",
         "plan",
@@ -186,11 +213,14 @@ class _Run(_RunView):
         "request",
         "response",
         "rollback_error",
+        "rollback_index",
         "rolled_back",
         "run_scope",
         "sems",
         "span",
+        "start_index",
         "start_ns",
+        "starts",
         "status",
         "stop",
         "store",
@@ -199,6 +229,7 @@ class _Run(_RunView):
         "tel",
         "tg",
         "tracing",
+        "undos",
         "waiting",
         "wall0",
     )
@@ -257,7 +288,12 @@ class _Run(_RunView):
         self.start_ns: list[int] = []
         self.log: Any = _log
         self.debug = False
+        self.start_index: list[int | None] = [None] * n
+        self.rollback_index: list[int | None] = [None] * n
+        self.starts = 0
+        self.undos = 0
         self.is_child = parent is not None
+        self.parent_run = parent
         self.orphan_hook_failures = 0  # failing hooks of nested pipelines when this run has no emitter
         self.definition_errors: list[ValidationError] = []
 
@@ -310,8 +346,9 @@ class _Run(_RunView):
         if span.is_recording():
             self.tracing = True
             self.start_ns = [0] * len(self.nodes)
-            span_context = span.get_span_context()
-            self.log = self.log.bind(trace_id=f"{span_context.trace_id:032x}", span_id=f"{span_context.span_id:016x}")
+        # Unsampled traces still have valid ids worth logging (they join up
+        # with the caller's logs); only a missing SDK gives invalid ones.
+        self.log = self.log.bind(**_span_ids(span))
         token = otel_context.attach(trace.set_span_in_context(span, parent))
         try:
             return await self._run()
@@ -449,7 +486,7 @@ class _Run(_RunView):
                 ev.StageSkipped(
                     request_id=self.request.id,
                     pipeline=self.pipeline_name,
-                    timestamp=time.time(),
+                    timestamp=self._now_wall(anyio.current_time()),
                     stage=self.nodes[i].name,
                     reason=reason,
                 )
@@ -462,7 +499,17 @@ class _Run(_RunView):
                 go = node.when(StageContext(self, node.name))
             except Exception as exc:
                 self.t0[i] = self.t1[i] = anyio.current_time()
-                await self._fail(i, exc)
+                ids = _NO_IDS
+                if self.tracing:  # the failure belongs in the trace too
+                    assert self.tel is not None
+                    span = self.tel.tracer.start_span(
+                        node.telemetry.span_name, attributes=node.telemetry.span_attributes
+                    )
+                    span.set_attributes({ATTR_STATUS: _FAILED.value, ATTR_ATTEMPT: 0})
+                    mark_error(span, exc)
+                    span.end()
+                    ids = _span_ids(span)
+                await self._fail(i, exc, ids)
                 return
             if not go:
                 await self._skip(i, "condition is false", blocked=False)
@@ -478,6 +525,8 @@ class _Run(_RunView):
 
     async def _attempt(self, i: int, node: Node) -> None:
         self.status[i] = _RUNNING
+        self.start_index[i] = self.starts
+        self.starts += 1
         t0 = self.t0[i] = anyio.current_time()
         self.attempts[i] = 1
         ctx = StageContext(self, node.name)
@@ -486,10 +535,13 @@ class _Run(_RunView):
         ids: Mapping[str, str] = _NO_IDS
         if self.tracing:
             assert self.tel is not None
-            span = self.tel.tracer.start_span(f"stage {node.name}", attributes=node.telemetry.span_attributes)
-            self.start_ns[i] = getattr(span, "start_time", None) or time.time_ns()
+            span = self.tel.tracer.start_span(node.telemetry.span_name, attributes=node.telemetry.span_attributes)
+            if node.retry is not None:  # for the first attempt's span, written once a retry happens
+                self.start_ns[i] = getattr(span, "start_time", None) or time.time_ns()
             token = otel_context.attach(trace.set_span_in_context(span))
-            ids = {"span_id": f"{span.get_span_context().span_id:016x}"}
+            ctx._span = span
+            if self.debug:
+                ids = {"span_id": f"{span.get_span_context().span_id:016x}"}
         if self.debug:
             self.log.debug("pipekit.stage.started", stage=node.name, attempt=1, **ids)
         try:
@@ -530,6 +582,7 @@ class _Run(_RunView):
                 raise AssertionError("unreachable: the task is cancelled") from exc  # pragma: no cover
             if span is not None:
                 self._end_stage_span(span, token, self._failed_status(node, exc), self.attempts[i], exc)
+                ids = _span_ids(span)
             await self._fail(i, exc, ids)
             return
         except BaseException:
@@ -566,10 +619,13 @@ class _Run(_RunView):
         self, span: trace.Span, token: object, status: Status, attempts: int, error: BaseException | None
     ) -> None:
         otel_context.detach(token)  # type: ignore[arg-type]
-        span.set_attribute(ATTR_STATUS, status.value)
-        span.set_attribute(ATTR_ATTEMPT, attempts)
+        span.set_attributes({ATTR_STATUS: status.value, ATTR_ATTEMPT: attempts})
         if error is not None:
             mark_error(span, error)
+        elif status is Status.TIMED_OUT:
+            # Interrupted by the run's deadline: an error in the trace too.
+            span.set_attribute(ATTR_ERROR_TYPE, "pipekit.PipelineTimeoutError")
+            span.set_status(trace.StatusCode.ERROR, "interrupted: the run timed out")
         span.end()
 
     def _record_stage(self, node: Node, status: Status, duration: float | None) -> None:
@@ -637,7 +693,7 @@ class _Run(_RunView):
                 ev.StageRetrying(
                     request_id=self.request.id,
                     pipeline=self.pipeline_name,
-                    timestamp=time.time(),
+                    timestamp=self._now_wall(anyio.current_time()),
                     stage=node.name,
                     attempt=attempt,
                     error=error,
@@ -677,12 +733,14 @@ class _Run(_RunView):
             f"stage {node.name} attempt {n}", attributes={**node.telemetry.base, ATTR_ATTEMPT: n}
         )
         token = otel_context.attach(trace.set_span_in_context(span))
+        stage_span, ctx._span = ctx._span, span
         try:
             return await self._bounded(i, node, ctx, n)
         except Exception as exc:
             mark_error(span, exc)
             raise
         finally:
+            ctx._span = stage_span
             otel_context.detach(token)
             span.end()
 
@@ -800,13 +858,16 @@ class _Run(_RunView):
         if not order:
             return []
         nodes = self.nodes
-        self.log.info("pipekit.rollback.started", stages=[nodes[i].name for i in order])
+        self.log.info("pipekit.rollback.started", stages=[nodes[i].name for i in order], **_span_ids())
+        if self.tel is not None:
+            for i in order:  # counted when scheduled, so failures (timeouts included) never exceed it
+                self.tel.rollbacks.add(1, nodes[i].telemetry.base)
         if self.emitter is not None:
             await self._emit(
                 ev.RollbackStarted(
                     request_id=self.request.id,
                     pipeline=self.pipeline_name,
-                    timestamp=time.time(),
+                    timestamp=self._now_wall(anyio.current_time()),
                     stages=tuple(nodes[i].name for i in order),
                 )
             )
@@ -826,13 +887,13 @@ class _Run(_RunView):
                 await self._rollback_failed(i)
             if self.rollback_error[i] is not None:
                 errors.append(self.rollback_error[i])  # type: ignore[arg-type]
-        self.log.info("pipekit.rollback.finished", rolled_back=sum(self.rolled_back), failed=len(errors))
+        self.log.info("pipekit.rollback.finished", rolled_back=sum(self.rolled_back), failed=len(errors), **_span_ids())
         if self.emitter is not None:
             await self._emit(
                 ev.RollbackFinished(
                     request_id=self.request.id,
                     pipeline=self.pipeline_name,
-                    timestamp=time.time(),
+                    timestamp=self._now_wall(anyio.current_time()),
                     rolled_back=sum(self.rolled_back),
                     failed=len(errors),
                 )
@@ -847,11 +908,11 @@ class _Run(_RunView):
                 await event.wait()
             started.add(i)
             tel = self.tel
-            if tel is not None:
-                tel.rollbacks.add(1, node.telemetry.base)
-                if self.tracing:
-                    span = tel.tracer.start_span(f"rollback {node.name}", attributes=node.telemetry.span_attributes)
-                    token = otel_context.attach(trace.set_span_in_context(span))
+            if tel is not None and self.tracing:
+                span = tel.tracer.start_span(
+                    node.telemetry.rollback_span_name, attributes=node.telemetry.span_attributes
+                )
+                token = otel_context.attach(trace.set_span_in_context(span))
             try:
                 if node.nested is not None:
                     child = self.children[i]
@@ -863,19 +924,23 @@ class _Run(_RunView):
                     await node.rollback(StageContext(self, node.name, self.attempts[i]))
             except Exception as exc:
                 self.rollback_error[i] = exc
+                self.rollback_index[i] = self.undos
+                self.undos += 1
                 if span is not None:
                     mark_error(span, exc)
                 await self._rollback_failed(i)
             else:
+                self.rollback_index[i] = self.undos
+                self.undos += 1
                 self.rolled_back[i] = True
                 self.status[i] = Status.ROLLED_BACK
-                self.log.info("pipekit.rollback.stage_rolled_back", stage=node.name)
+                self.log.info("pipekit.rollback.stage_rolled_back", stage=node.name, **_span_ids())
                 if self.emitter is not None:
                     await self._emit(
                         ev.StageRolledBack(
                             request_id=self.request.id,
                             pipeline=self.pipeline_name,
-                            timestamp=time.time(),
+                            timestamp=self._now_wall(anyio.current_time()),
                             stage=node.name,
                             attempt=self.attempts[i],
                         )
@@ -892,15 +957,16 @@ class _Run(_RunView):
     async def _rollback_failed(self, i: int) -> None:
         node = self.nodes[i]
         error = self.rollback_error[i]
-        if self.tel is not None:
+        # A nested pipeline's failed rollbacks were counted by its own run.
+        if self.tel is not None and node.nested is None:
             self.tel.rollback_failures.add(1, node.telemetry.base)
-        self.log.error("pipekit.rollback.failed", stage=node.name, error=repr(error), exc_info=error)
+        self.log.error("pipekit.rollback.failed", stage=node.name, error=repr(error), exc_info=error, **_span_ids())
         if self.emitter is not None:
             await self._emit(
                 ev.StageRollbackFailed(
                     request_id=self.request.id,
                     pipeline=self.pipeline_name,
-                    timestamp=time.time(),
+                    timestamp=self._now_wall(anyio.current_time()),
                     stage=node.name,
                     attempt=self.attempts[i],
                     error=error,
@@ -951,7 +1017,8 @@ class _Run(_RunView):
             status = _FAILED
         duration = end - self.mono0
         tel = self.tel
-        if tel is not None and not self.dry_run:
+        if tel is not None and not self.dry_run and not self.is_child:
+            # Executions are what callers ran; nested pipelines are stages of them.
             attributes = self.plan.telemetry.with_status(status)
             tel.executions.add(1, attributes)
             tel.execution_duration.record(duration, attributes)
@@ -993,6 +1060,8 @@ class _Run(_RunView):
                 rolled_back=self.rolled_back[i],
                 rollback_error=self.rollback_error[i],
                 reason=self.reason[i],
+                start_index=self.start_index[i],
+                rollback_index=self.rollback_index[i],
             )
         outputs = types.MappingProxyType(dict(self.outputs) if keep else {})
         response = PipelineResponse(
@@ -1039,6 +1108,20 @@ class _Run(_RunView):
         return await self._respond(error)
 
 
+def _root_name(run: _Run) -> str:
+    while run.parent_run is not None:
+        run = run.parent_run
+    return run.pipeline_name
+
+
+def _span_ids(span: trace.Span | None = None) -> Mapping[str, str]:
+    """``trace_id``/``span_id`` log fields of ``span`` (the current span by default), if it has valid ones."""
+    span_context = (span if span is not None else trace.get_current_span()).get_span_context()
+    if not span_context.is_valid:
+        return _NO_IDS
+    return {"trace_id": f"{span_context.trace_id:032x}", "span_id": f"{span_context.span_id:016x}"}
+
+
 def _atomic_lock(pipeline: Pipeline) -> anyio.Lock:
     """The lock serialising runs of one atomic pipeline value, in this event loop."""
     locks = _atomic_locks.get(None)
@@ -1070,7 +1153,7 @@ def _child_emitter(parent: _Run, nested: Pipeline) -> Emitter | None:
     def count() -> None:
         parent.orphan_hook_failures += 1
 
-    return Emitter(nested.hooks, (), count, parent.tel)
+    return Emitter(nested.hooks, (), count, parent.tel, root=_root_name(parent))
 
 
 def _validate_node(run: _RunView, node: Node) -> list[ValidationError]:
@@ -1138,8 +1221,11 @@ async def execute_pipeline(
         plan = compile_plan(pipeline, lenient=True)
     instruments = get_instruments(tracer_provider, meter_provider)
     all_hooks = (*pipeline.hooks, *hooks)
+    listeners = (*listeners, *extra_listeners.get())
     emitter = (
-        Emitter(all_hooks, listeners, on_hook_failure, instruments, hook_timeout) if (all_hooks or listeners) else None
+        Emitter(all_hooks, listeners, on_hook_failure, instruments, hook_timeout=hook_timeout, root=pipeline.name)
+        if (all_hooks or listeners)
+        else None
     )
     run = _Run(pipeline, plan, request, emitter, instruments=instruments)
     run.definition_errors = definition_errors

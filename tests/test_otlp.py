@@ -589,6 +589,44 @@ class TestConfigureOtlp:
             telemetry.shutdown()
         assert arrived, receiver.exports
 
+    def test_authorization_header_with_capitals(
+        self, receiver: OtlpReceiver, protocol: OtlpProtocol, backend: str
+    ) -> None:
+        """An ``Authorization`` header (capitalised, as people write it) is delivered on both protocols."""
+        export_with(
+            receiver, protocol, backend, run_ping, endpoint=receiver.endpoint, headers={"Authorization": "Bearer t"}
+        )
+        assert {e.signal for e in receiver.exports} == {"traces", "metrics"}
+        for export in receiver.exports:
+            assert {k.lower(): v for k, v in export.headers.items()}.get("authorization") == "Bearer t"
+
+    def test_headers_argument_adds_to_the_environment(
+        self, receiver: OtlpReceiver, protocol: OtlpProtocol, backend: str, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """headers= is added to OTEL_EXPORTER_OTLP_HEADERS (the argument wins on a clash), on both protocols."""
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_HEADERS", "x-env=1,x-both=env")
+        export_with(
+            receiver, protocol, backend, run_ping, endpoint=receiver.endpoint, headers={"x-arg": "2", "x-both": "arg"}
+        )
+        assert {e.signal for e in receiver.exports} == {"traces", "metrics"}
+        for export in receiver.exports:
+            assert export.headers.get("x-env") == "1"
+            assert export.headers.get("x-arg") == "2"
+            assert export.headers.get("x-both") == "arg"
+
+    def test_protocol_from_the_environment(
+        self, receiver: OtlpReceiver, protocol: OtlpProtocol, backend: str, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """With protocol=None, OTEL_EXPORTER_OTLP_PROTOCOL picks the exporter (grpc or http/protobuf)."""
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc" if protocol == "grpc" else "http/protobuf")
+        telemetry = configure_otlp(receiver.endpoint, service_name=SERVICE, install_global=False)
+        try:
+            run_on(backend, run_ping, telemetry)
+            telemetry.force_flush(FLUSH_MILLIS)
+        finally:
+            telemetry.shutdown()
+        assert {e.signal for e in receiver.exports} == {"traces", "metrics"}
+
     def test_headers_from_the_environment(
         self, receiver: OtlpReceiver, protocol: OtlpProtocol, backend: str, monkeypatch: pytest.MonkeyPatch
     ) -> None:
@@ -682,6 +720,36 @@ class TestConfigureOtlpGlobally:
 
 
 class TestConfigureOtlpArguments:
+    def test_refuses_to_half_install_over_a_noop_provider(self) -> None:
+        """With another global tracer provider already set, nothing is installed and RuntimeError says why."""
+        script = (
+            "from opentelemetry import metrics, trace\n"
+            "from pipekit.telemetry import configure_otlp\n"
+            "trace.set_tracer_provider(trace.NoOpTracerProvider())\n"
+            "try:\n"
+            "    configure_otlp('http://127.0.0.1:9', service_name='s')\n"
+            "except RuntimeError as exc:\n"
+            "    print('refused', 'already installed' in str(exc), type(metrics.get_meter_provider()).__name__)\n"
+        )
+        root = Path(__file__).resolve().parent.parent
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
+        done = subprocess.run(
+            [sys.executable, "-c", script], capture_output=True, text=True, timeout=30, env=env, check=False
+        )
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.split() == ["refused", "True", "_ProxyMeterProvider"]
+
+    def test_endpoint_without_a_scheme(self) -> None:
+        """A bare host:port is refused with a message showing the form that works."""
+        with pytest.raises(ValueError, match=r"needs a scheme: http://host:port"):
+            configure_otlp("localhost:4317", service_name=SERVICE, install_global=False)
+
+    def test_unknown_protocol_from_the_environment(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """An unsupported OTEL_EXPORTER_OTLP_PROTOCOL is named in the error."""
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json")
+        with pytest.raises(ValueError, match=r"OTEL_EXPORTER_OTLP_PROTOCOL .*'http/json'"):
+            configure_otlp("http://127.0.0.1:4317", service_name=SERVICE, install_global=False)
+
     def test_unknown_protocol(self) -> None:
         """protocol='udp' is a ValueError naming the valid protocols, raised before anything is installed."""
         tracer_provider, meter_provider = trace.get_tracer_provider(), metrics.get_meter_provider()

@@ -617,7 +617,7 @@ class TestRollbackSpans:
         pipeline = (
             pk.Pipeline("p")
             .add_stage(ok("a", undo=undo_ok))
-            .add_stage(ok("b", undo=undo_ok))
+            .add_stage(ok("b", undo=undo_ok), depends_on=("a",))
             .add_stage(ok("plain"))
             .add_stage(failing("c"))
         )
@@ -821,13 +821,21 @@ class TestNotRecording:
         assert unsampled.totals("pipekit.stage.retries", STAGE) == {("flaky",): 1}
         assert unsampled.totals("pipekit.rollback.failures", STAGE) == {("flaky",): 1}
 
-    async def test_untraced_run_logs_carry_no_trace_ids(self, unsampled: Telemetry) -> None:
-        """The run's own log events bind no trace or span id when its span is not recording."""
+    async def test_unsampled_run_logs_still_carry_its_trace_id(self, unsampled: Telemetry) -> None:
+        """Sampled out, a run still has a valid trace id; its log events and ctx.log carry the same one."""
+        seen: list[str] = []
+
+        @pk.stage
+        async def logs_it(ctx: pk.StageContext) -> None:
+            ctx.log.info("user.line")
+
         with capture_logs() as logs:
-            assert (await unsampled.execute(pk.Pipeline("p").add_stage(ok("a")))).ok
-        run_events = [e for e in logs if e["event"].startswith("pipekit.pipeline.")]
-        assert len(run_events) == 2
-        assert all("trace_id" not in e and "span_id" not in e for e in run_events)
+            assert (await unsampled.execute(pk.Pipeline("p").add_stage(logs_it))).ok
+        seen = [e["trace_id"] for e in logs if e["event"] in ("pipekit.pipeline.started", "user.line")]
+        assert len(seen) == 2
+        assert seen[0] == seen[1]
+        assert HEX32.fullmatch(seen[0])
+        assert unsampled.exporter.get_finished_spans() == ()
 
 
 class TestGlobalProviders:
@@ -990,7 +998,8 @@ class TestRunMetrics:
         with capture_logs() as logs:
             assert (await tel.execute(outer)).ok
         assert [e["event"] for e in logs].count("pipekit.hook.failed") == 1
-        assert tel.totals("pipekit.hook.failures", PIPELINE) == {("inner",): 1}
+        # Counted under the pipeline that was executed, like its other execution metrics.
+        assert tel.totals("pipekit.hook.failures", PIPELINE) == {("outer",): 1}
 
     async def test_every_instrument_is_produced(self, tel: Telemetry) -> None:
         """One workload produces every documented instrument, with its documented kind, unit and attributes."""
@@ -1167,6 +1176,8 @@ class TestLogs:
             assert entry["trace_id"] == trace_id, entry
             if entry["event"] in stage_events:
                 assert entry["span_id"] == hex_ids(tel.tree()[f"stage {entry['stage']}"])[1], entry
+            elif entry["event"] in ("pipekit.rollback.failed", "pipekit.rollback.stage_rolled_back"):
+                assert entry["span_id"] == hex_ids(tel.tree()[f"rollback {entry['stage']}"])[1], entry
             else:
                 assert entry["span_id"] == span_id, entry
             assert HEX32.fullmatch(entry["trace_id"])
@@ -1252,3 +1263,93 @@ class TestLogs:
         tree = tel.tree()
         assert (entries[0]["trace_id"], entries[0]["span_id"]) == hex_ids(tree["stage s"])
         assert (entries[1]["trace_id"], entries[1]["span_id"]) == hex_ids(tree["stage s attempt 2"])
+
+
+class TestAuditRegressions:
+    """Edge paths found in review: nesting, rollback counts, failing conditions, deadlines, log ids."""
+
+    async def test_nested_pipelines_are_not_executions(self, tel: Telemetry) -> None:
+        """A nested pipeline's run is not counted in pipekit.executions, which agree with engine.metrics."""
+        inner = pk.Pipeline("inner").add_stage(ok("x"))
+        async with tel.engine() as engine:
+            await engine.execute(inner)
+            await engine.execute(pk.Pipeline("outer").add_stage(inner))
+            metrics = engine.metrics("inner")
+        executions = tel.totals("pipekit.executions", PIPELINE)
+        assert executions == {("inner",): 1, ("outer",): 1}
+        assert metrics.total_executions == 1
+
+    async def test_rollback_failures_never_exceed_rollbacks(self, tel: Telemetry) -> None:
+        """A rollback that never started before the rollback timeout counts as scheduled and as failed."""
+
+        async def hang(ctx: pk.StageContext) -> None:
+            await anyio.sleep_forever()
+
+        pipeline = (
+            pk.Pipeline("p")
+            .add_stage(ok("first", undo=undo_ok))
+            .add_stage(ok("second", undo=hang))
+            .add_stage(failing("boom"))
+            .with_rollback(timeout=0.02)
+        )
+        assert (await tel.execute(pipeline)).status is pk.Status.FAILED
+        rollbacks = tel.totals("pipekit.rollbacks", STAGE)
+        failures = tel.totals("pipekit.rollback.failures", STAGE)
+        assert rollbacks == {("first",): 1, ("second",): 1}
+        assert failures == {("first",): 1, ("second",): 1}
+
+    async def test_failing_condition_has_an_error_span(self, tel: Telemetry) -> None:
+        """A stage whose when= raises appears in the trace as a failed stage span."""
+
+        def broken(ctx: pk.StageContext) -> bool:
+            raise KeyError("flag")
+
+        response = await tel.execute(pk.Pipeline("p").add_conditional_stage(ok("cond"), broken))
+        assert response.status is pk.Status.FAILED
+        span = tel.tree()["stage cond"]
+        assert span.status.status_code is StatusCode.ERROR
+        assert attributes(span)["error.type"] == "KeyError"
+
+    async def test_deadline_interrupted_stage_is_an_error(self, tel: Telemetry) -> None:
+        """A stage cut off by the run's deadline is TIMED_OUT and ERROR in the trace."""
+
+        async def forever(ctx: pk.StageContext) -> None:
+            await anyio.sleep_forever()
+
+        response = await tel.execute(pk.Pipeline("p").add_stage(make("slow", forever)).with_timeout(0.02))
+        assert response.status is pk.Status.TIMED_OUT
+        span = tel.tree()["stage slow"]
+        assert attributes(span)["pipekit.status"] == "timed_out"
+        assert span.status.status_code is StatusCode.ERROR
+
+    async def test_ctx_log_keeps_the_stage_span_after_a_user_span(self, tel: Telemetry) -> None:
+        """ctx.log first used inside a user span still names the stage span."""
+        tracer = tel.tracer_provider.get_tracer("user")
+
+        async def work(ctx: pk.StageContext) -> None:
+            with tracer.start_as_current_span("user span"):
+                ctx.log.info("user.inside")
+            ctx.log.info("user.after")
+
+        with capture_logs() as logs:
+            assert (await tel.execute(pk.Pipeline("p").add_stage(make("w", work)))).ok
+        stage_span_id = hex_ids(tel.tree()["stage w"])[1]
+        lines = [e for e in logs if e["event"].startswith("user.")]
+        assert [e["span_id"] for e in lines] == [stage_span_id, stage_span_id]
+
+    async def test_hook_failure_log_carries_the_current_span(self, tel: Telemetry) -> None:
+        """pipekit.hook.failed names the span current when the event was emitted."""
+
+        async def broken(event: pk.Event) -> None:
+            if isinstance(event, pk.StageStarted):  # emitted inside the stage's span
+                raise RuntimeError("hook broke")
+
+        with capture_logs() as logs:
+            response = (
+                await pk.Pipeline("p")
+                .add_stage(ok("a"))
+                .execute(hooks=[broken], tracer_provider=tel.tracer_provider, meter_provider=tel.meter_provider)
+            )
+        assert response.hook_failures == 1
+        (entry,) = [e for e in logs if e["event"] == "pipekit.hook.failed"]
+        assert (entry["trace_id"], entry["span_id"]) == hex_ids(tel.tree()["stage a"])

@@ -5,9 +5,11 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Literal
+from urllib.parse import urlsplit
 
 import attrs
 from opentelemetry import metrics, trace
+from opentelemetry.util.re import parse_env_headers
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.metrics import MeterProvider
@@ -15,7 +17,7 @@ if TYPE_CHECKING:
 
 __all__ = ["OtlpTelemetry", "configure_otlp"]
 
-Protocol = Literal["grpc", "http"]
+Protocol = Literal["grpc", "http", "http/protobuf"]
 
 _MISSING_EXTRA = "pipekit.telemetry.configure_otlp needs the otlp extra: pip install 'pipekit[otlp]'"
 
@@ -50,7 +52,47 @@ class OtlpTelemetry:
         self.meter_provider.shutdown()
 
 
-def _signal_endpoint(endpoint: str | None, protocol: Protocol, signal: str) -> str | None:
+def _resolve_protocol(protocol: str | None) -> Literal["grpc", "http"]:
+    if protocol is None:
+        protocol = os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc").strip() or "grpc"
+        source = "OTEL_EXPORTER_OTLP_PROTOCOL"
+    else:
+        source = "protocol"
+    if protocol == "grpc":
+        return "grpc"
+    if protocol in ("http", "http/protobuf"):
+        return "http"
+    raise ValueError(f"{source} must be 'grpc' or 'http/protobuf' (or 'http'), got {protocol!r}")
+
+
+def _check_endpoint(endpoint: str) -> str:
+    scheme = urlsplit(endpoint).scheme
+    if scheme not in ("http", "https"):
+        raise ValueError(
+            f"endpoint {endpoint!r} needs a scheme: http://host:port (plain) or https://host:port (TLS), "
+            "e.g. 'http://localhost:4317'"
+        )
+    return endpoint
+
+
+def _headers(extra: Mapping[str, str] | None, protocol: str, signal: str) -> dict[str, str] | None:
+    """The headers for one signal's exporter: the OTEL_* ones with ``extra`` on top.
+
+    None when nothing was passed, so the exporter reads the environment
+    itself. gRPC metadata keys must be lowercase.
+    """
+    if extra is None:
+        return None
+    merged: dict[str, str] = {}
+    for name in ("OTEL_EXPORTER_OTLP_HEADERS", f"OTEL_EXPORTER_OTLP_{signal.upper()}_HEADERS"):
+        merged.update(parse_env_headers(os.environ.get(name, ""), liberal=True))
+    merged.update(extra)
+    if protocol == "grpc":
+        merged = {key.lower(): value for key, value in merged.items()}
+    return merged
+
+
+def _signal_endpoint(endpoint: str | None, protocol: str, signal: str) -> str | None:
     if endpoint is None:
         return None  # the exporter reads OTEL_EXPORTER_OTLP_[SIGNAL_]ENDPOINT itself
     if protocol == "http":
@@ -63,7 +105,7 @@ def configure_otlp(
     endpoint: str | None = None,
     *,
     service_name: str,
-    protocol: Protocol = "grpc",
+    protocol: Protocol | None = None,
     headers: Mapping[str, str] | None = None,
     install_global: bool = True,
     metric_export_interval: float | None = None,
@@ -72,9 +114,10 @@ def configure_otlp(
 
     Call it once at application start-up; pipekit itself never installs a
     provider. Standard ``OTEL_*`` environment variables apply where an argument
-    is left out: ``OTEL_EXPORTER_OTLP_ENDPOINT`` (and the per-signal variants),
-    ``OTEL_EXPORTER_OTLP_HEADERS``, ``OTEL_EXPORTER_OTLP_INSECURE``,
-    ``OTEL_RESOURCE_ATTRIBUTES``, ``OTEL_METRIC_EXPORT_INTERVAL``.
+    is left out: ``OTEL_EXPORTER_OTLP_ENDPOINT``, ``OTEL_EXPORTER_OTLP_PROTOCOL``,
+    ``OTEL_EXPORTER_OTLP_HEADERS``, ``OTEL_EXPORTER_OTLP_INSECURE`` (and the
+    per-signal variants), ``OTEL_RESOURCE_ATTRIBUTES``,
+    ``OTEL_METRIC_EXPORT_INTERVAL``.
 
     Args:
         endpoint: The collector, e.g. ``"http://localhost:4317"`` for gRPC or
@@ -83,8 +126,11 @@ def configure_otlp(
             the OTLP default for the protocol.
         service_name: The ``service.name`` resource attribute your runs appear
             under in Jaeger.
-        protocol: ``"grpc"`` or ``"http"`` (OTLP/HTTP with protobuf).
-        headers: Extra headers for every export (authentication, say).
+        protocol: ``"grpc"`` or ``"http"`` (``"http/protobuf"`` too: OTLP/HTTP
+            with protobuf). None: ``OTEL_EXPORTER_OTLP_PROTOCOL``, else gRPC.
+        headers: Extra headers for every export (authentication, say), added
+            to those of ``OTEL_EXPORTER_OTLP_HEADERS``; names are lowercased
+            for gRPC, whose metadata keys must be.
         install_global: Make these the process-wide providers (the default).
             With False, pass ``tracer_provider=``/``meter_provider=`` to
             `Pipeline.execute` or `Engine` yourself.
@@ -96,12 +142,13 @@ def configure_otlp(
 
     Raises:
         ImportError: If the ``otlp`` extra is not installed.
-        ValueError: For an unknown protocol.
+        ValueError: For an unknown protocol, or an endpoint without a scheme.
         RuntimeError: If ``install_global`` is set and an SDK provider is
             already installed globally (OpenTelemetry allows that only once).
     """
-    if protocol not in ("grpc", "http"):
-        raise ValueError(f"protocol must be 'grpc' or 'http', got {protocol!r}")
+    wire = _resolve_protocol(protocol)
+    if endpoint is not None:
+        _check_endpoint(endpoint)
     try:
         from opentelemetry.sdk.metrics import MeterProvider
         from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
@@ -109,7 +156,7 @@ def configure_otlp(
         from opentelemetry.sdk.trace import TracerProvider
         from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
-        if protocol == "grpc":
+        if wire == "grpc":
             from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
             from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
         else:
@@ -127,16 +174,21 @@ def configure_otlp(
             (trace.get_tracer_provider(), "tracer"),
             (metrics.get_meter_provider(), "meter"),
         ):
-            if type(current).__name__ not in ("ProxyTracerProvider", "_ProxyMeterProvider", "NoOpTracerProvider"):
+            # Only the API's placeholders can still be replaced (OpenTelemetry
+            # allows one set_*_provider per process).
+            if type(current).__name__ not in ("ProxyTracerProvider", "_ProxyMeterProvider"):
                 raise RuntimeError(
                     f"a global {kind} provider is already installed ({type(current).__name__}); OpenTelemetry "
                     "allows one per process. Use install_global=False and pass the providers to pipekit."
                 )
 
     resource = Resource.create({SERVICE_NAME: service_name})
-    extra = dict(headers) if headers else None
-    span_exporter = OTLPSpanExporter(endpoint=_signal_endpoint(endpoint, protocol, "traces"), headers=extra)
-    metric_exporter = OTLPMetricExporter(endpoint=_signal_endpoint(endpoint, protocol, "metrics"), headers=extra)
+    span_exporter = OTLPSpanExporter(
+        endpoint=_signal_endpoint(endpoint, wire, "traces"), headers=_headers(headers, wire, "traces")
+    )
+    metric_exporter = OTLPMetricExporter(
+        endpoint=_signal_endpoint(endpoint, wire, "metrics"), headers=_headers(headers, wire, "metrics")
+    )
     tracer_provider = TracerProvider(resource=resource)
     tracer_provider.add_span_processor(BatchSpanProcessor(span_exporter))
     interval_ms: float | None = None
@@ -149,6 +201,10 @@ def configure_otlp(
     if install_global:
         trace.set_tracer_provider(tracer_provider)
         metrics.set_meter_provider(meter_provider)
+        if trace.get_tracer_provider() is not tracer_provider or metrics.get_meter_provider() is not meter_provider:
+            tracer_provider.shutdown()
+            meter_provider.shutdown()
+            raise RuntimeError("another global OpenTelemetry provider was installed concurrently; nothing installed")
     return OtlpTelemetry(
         tracer_provider=tracer_provider, meter_provider=meter_provider, installed_globally=install_global
     )
