@@ -127,6 +127,10 @@ default_providers: ContextVar[tuple[TracerProvider | None, MeterProvider | None]
     "pipekit_default_providers", default=(None, None)
 )
 
+#: The same, for every task of the process (a stack: the last entry wins);
+#: test fixtures use it because they do not share the test's context.
+process_default_providers: list[tuple[TracerProvider | None, MeterProvider | None]] = []
+
 _cache: WeakKeyDictionary[Any, WeakKeyDictionary[Any, Instruments]] = WeakKeyDictionary()
 
 
@@ -140,6 +144,8 @@ def get_instruments(
     """
     if tracer_provider is None or meter_provider is None:
         tp_default, mp_default = default_providers.get()
+        if tp_default is None and mp_default is None and process_default_providers:
+            tp_default, mp_default = process_default_providers[-1]
         if tracer_provider is None:
             tracer_provider = tp_default
         if meter_provider is None:

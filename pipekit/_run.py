@@ -75,6 +75,10 @@ HOOK_TIMEOUT = 30.0
 #: (`pipekit.testing.capture_events` sets it).
 extra_listeners: ContextVar[tuple[Callable[[ev.Event], None], ...]] = ContextVar("pipekit_extra_listeners", default=())
 
+#: The same for every run in the process (test fixtures, which do not share
+#: the test's context, use it).
+process_listeners: list[Callable[[ev.Event], None]] = []
+
 _atomic_locks: RunVar[WeakKeyDictionary[Pipeline, anyio.Lock]] = RunVar("pipekit_atomic_locks")
 
 _NO_IDS: Mapping[str, str] = MappingProxyType({})
@@ -1221,7 +1225,7 @@ async def execute_pipeline(
         plan = compile_plan(pipeline, lenient=True)
     instruments = get_instruments(tracer_provider, meter_provider)
     all_hooks = (*pipeline.hooks, *hooks)
-    listeners = (*listeners, *extra_listeners.get())
+    listeners = (*listeners, *extra_listeners.get(), *process_listeners)
     emitter = (
         Emitter(all_hooks, listeners, on_hook_failure, instruments, hook_timeout=hook_timeout, root=pipeline.name)
         if (all_hooks or listeners)

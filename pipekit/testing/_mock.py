@@ -1,0 +1,219 @@
+"""Mock stages that record what they saw, and a pipeline builder that swaps them in."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Self
+
+import anyio
+import attrs
+
+from pipekit._context import StageContext
+from pipekit._errors import PipelineDefinitionError, ValidationError
+from pipekit._pipeline import Pipeline
+from pipekit._stage import BaseStage
+
+__all__ = ["Call", "MockStage", "MockStageError", "TestPipeline"]
+
+
+class MockStageError(Exception):
+    """The error a `MockStage` raises for its planned failures (``fail_times``)."""
+
+
+@attrs.frozen(kw_only=True)
+class Call:
+    """What a mock stage saw when it was called.
+
+    Attributes:
+        stage: The stage's name.
+        attempt: The attempt (1-based; always 1 for rollbacks and validations).
+        request_id: The request being served.
+        input: A copy of the request input.
+        outputs: A copy of the outputs of the stages finished at that point.
+        dry_run: Whether it was a dry run.
+        time: ``anyio.current_time()`` at the call (virtual under a fake clock).
+    """
+
+    stage: str
+    attempt: int
+    request_id: str
+    input: Mapping[str, Any]
+    outputs: Mapping[str, Any]
+    dry_run: bool
+    time: float
+
+
+def _snapshot(ctx: StageContext) -> Call:
+    return Call(
+        stage=ctx.stage,
+        attempt=ctx.attempt,
+        request_id=ctx.request.id,
+        input=dict(ctx.input),
+        outputs=dict(ctx.outputs),
+        dry_run=ctx.dry_run,
+        time=anyio.current_time(),
+    )
+
+
+def _as_exception(error: BaseException | type[BaseException] | str, kind: type[Exception]) -> BaseException:
+    if isinstance(error, str):
+        return kind(error)
+    if isinstance(error, type):
+        return error()
+    return error
+
+
+class MockStage(BaseStage):
+    """A stage for tests: returns ``output``, fails when told to, and records every call.
+
+    Args:
+        name: The stage's name.
+        output: What ``execute`` returns once it succeeds.
+        error: Raised by every call when given (an exception, its class, or a
+            message for a `MockStageError`).
+        fail_times: The first this-many calls raise `MockStageError`, later
+            ones succeed (for testing retries).
+        delay: Seconds each call sleeps before finishing (on the fake clock
+            when one is running).
+        rollback_error: Raised by ``rollback`` when given.
+        validate_error: Raised by ``validate`` when given (a message becomes a
+            `pipekit.ValidationError`).
+
+    Attributes:
+        calls: One `Call` per ``execute`` call, in order.
+        rollbacks: One `Call` per ``rollback`` call.
+        validations: One `Call` per ``validate`` call.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        output: Any = None,
+        error: BaseException | type[BaseException] | str | None = None,
+        fail_times: int = 0,
+        delay: float = 0.0,
+        rollback_error: BaseException | type[BaseException] | str | None = None,
+        validate_error: BaseException | type[BaseException] | str | None = None,
+    ) -> None:
+        super().__init__(name)
+        if not isinstance(fail_times, int) or fail_times < 0:
+            raise ValueError(f"MockStage fail_times must be an integer >= 0, got {fail_times!r}")
+        if not isinstance(delay, int | float) or delay < 0:
+            raise ValueError(f"MockStage delay must be a number of seconds >= 0, got {delay!r}")
+        self.output = output
+        self.error = error
+        self.fail_times = fail_times
+        self.delay = float(delay)
+        self.rollback_error = rollback_error
+        self.validate_error = validate_error
+        self.calls: list[Call] = []
+        self.rollbacks: list[Call] = []
+        self.validations: list[Call] = []
+
+    @property
+    def call_count(self) -> int:
+        """How many times ``execute`` was called."""
+        return len(self.calls)
+
+    @property
+    def rolled_back(self) -> bool:
+        """Whether ``rollback`` was called at least once."""
+        return bool(self.rollbacks)
+
+    def reset(self) -> None:
+        """Forget every recorded call (the failure plan starts over too)."""
+        self.calls.clear()
+        self.rollbacks.clear()
+        self.validations.clear()
+
+    async def execute(self, ctx: StageContext) -> Any:
+        """Record the call, sleep ``delay``, then fail or return ``output`` as planned."""
+        self.calls.append(_snapshot(ctx))
+        if self.delay:
+            await anyio.sleep(self.delay)
+        if self.error is not None:
+            raise _as_exception(self.error, MockStageError)
+        if len(self.calls) <= self.fail_times:
+            raise MockStageError(f"{self.name} failed as planned (call {len(self.calls)} of {self.fail_times})")
+        return self.output
+
+    def validate(self, ctx: StageContext) -> None:
+        """Record the call; raise ``validate_error`` when given."""
+        self.validations.append(_snapshot(ctx))
+        if self.validate_error is not None:
+            raise _as_exception(self.validate_error, ValidationError)
+
+    async def rollback(self, ctx: StageContext) -> None:
+        """Record the call; raise ``rollback_error`` when given."""
+        self.rollbacks.append(_snapshot(ctx))
+        if self.rollback_error is not None:
+            raise _as_exception(self.rollback_error, MockStageError)
+
+    def __repr__(self) -> str:
+        return f"<MockStage {self.name!r} calls={len(self.calls)} rollbacks={len(self.rollbacks)}>"
+
+
+@attrs.frozen(eq=False, repr=False)
+class TestPipeline(Pipeline):
+    """A pipeline builder for tests, able to swap any stage for a `MockStage`.
+
+    ``TestPipeline.from_pipeline(p).with_mock_stage("build", {"digest": "x"})``
+    runs ``p`` with stage ``build`` replaced by a mock returning that output;
+    the mock keeps the real stage's position, dependencies and policies.
+    (Named ``Test...`` for the reader; pytest is told not to collect it.)
+    """
+
+    __test__ = False  # not a test class, despite the name
+
+    atomic: bool = attrs.field(default=False, kw_only=True)
+    partial_outputs: bool = attrs.field(default=True, kw_only=True)
+
+    @classmethod
+    def from_pipeline(cls, pipeline: Pipeline) -> TestPipeline:
+        """A test pipeline with the same stages, policies and kind (atomic or not) as ``pipeline``."""
+        if not isinstance(pipeline, Pipeline):
+            raise TypeError(f"from_pipeline takes a pipekit.Pipeline, got {type(pipeline).__name__}")
+        return cls(
+            pipeline.name,
+            entries=pipeline.entries,
+            retry=pipeline.retry,
+            timeout=pipeline.timeout,
+            stage_timeout=pipeline.stage_timeout,
+            rollback_enabled=pipeline.rollback_enabled,
+            rollback_timeout=pipeline.rollback_timeout,
+            hooks=pipeline.hooks,
+            atomic=pipeline.serialised,
+            partial_outputs=pipeline.keeps_partial_outputs,
+        )
+
+    @property
+    def serialised(self) -> bool:
+        return self.atomic
+
+    @property
+    def keeps_partial_outputs(self) -> bool:
+        return self.partial_outputs
+
+    def with_mock_stage(self, name: str, output_or_mock: Any = None) -> Self:
+        """Replace stage ``name`` with a mock (given, or one returning ``output_or_mock``).
+
+        Raises:
+            PipelineDefinitionError: If there is no such stage, or a given
+                mock has another name.
+        """
+        mock = output_or_mock if isinstance(output_or_mock, MockStage) else MockStage(name, output=output_or_mock)
+        if mock.name != name:
+            raise PipelineDefinitionError(f"mock for stage {name!r} is named {mock.name!r}")
+        return self.replace_stage(name, mock)
+
+    def mock(self, name: str) -> MockStage:
+        """The mock standing in for stage ``name``.
+
+        Raises:
+            KeyError: If stage ``name`` is not a mock (or does not exist).
+        """
+        for entry in self.entries:
+            if entry.name == name and isinstance(entry.stage, MockStage):
+                return entry.stage
+        raise KeyError(f"stage {name!r} of {self.name!r} is not a MockStage")
