@@ -5,6 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
 .PHONY: demo test lint typecheck unit docs docs-serve clean
+.PHONY: bench bench-smoke
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "pipekit needs Python >= 3.11; set PYTHON=python3.11")'
@@ -17,8 +18,8 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/python examples/demo.py
 
-## test: lint, type-check (mypy --strict), run the tests on asyncio and trio, build the docs
-test: lint typecheck unit docs
+## test: lint, type-check (mypy --strict), run the tests on asyncio and trio, build the docs, smoke-run the benchmarks
+test: lint typecheck unit docs bench-smoke
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -32,6 +33,16 @@ unit: $(STAMP)
 
 docs: $(STAMP)
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet --site-dir build/site
+
+## bench: the full benchmark suite (a few minutes): prints the table, writes benchmarks/results/latest.json
+## and regenerates the results table in benchmarks/README.md from it
+bench: $(STAMP)
+	$(BIN)/python -m benchmarks
+	$(BIN)/python -m benchmarks --readme
+
+## bench-smoke: every benchmark scenario at tiny sizes, one round (seconds); writes nothing
+bench-smoke: $(STAMP)
+	$(BIN)/python -m benchmarks --smoke
 
 docs-serve: $(STAMP)
 	$(BIN)/mkdocs serve
