@@ -57,6 +57,7 @@ class Node:
         "continue_on_error",
         "dependents",
         "deps",
+        "direct",
         "explicit_deps",
         "group",
         "index",
@@ -87,6 +88,8 @@ class Node:
         self.limit = entry.limit
         self.explicit_deps = entry.depends_on is not None
         self.nested: Pipeline | None = stage if isinstance(stage, Pipeline) else None
+        # No policy and no nesting: the runner awaits execute() directly.
+        self.direct = retry is None and timeout is None and self.nested is None
         # A nested pipeline validates each inner stage itself, right before it
         # runs; only dry runs validate it as a whole (see _run._validate_node).
         self.validate: ValidateFunction | None = None if self.nested is not None else find_validate(stage)

@@ -7,12 +7,13 @@ spawned only where the graph fans out.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import time
 import types
-from collections import ChainMap
-from collections.abc import Callable, Mapping, Sequence
+from collections import ChainMap, deque
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextvars import ContextVar
 from datetime import UTC, datetime
 from types import MappingProxyType
@@ -205,6 +206,7 @@ class _Run(_RunView):
         "log",
         "mono0",
         "nodes",
+        "now",
         "orphan_hook_failures",
         "output",
         "outputs",
@@ -213,6 +215,7 @@ class _Run(_RunView):
         "pipeline",
         "pipeline_name",
         "plan",
+        "queues",
         "reason",
         "request",
         "response",
@@ -220,7 +223,6 @@ class _Run(_RunView):
         "rollback_index",
         "rolled_back",
         "run_scope",
-        "sems",
         "span",
         "start_index",
         "start_ns",
@@ -236,6 +238,7 @@ class _Run(_RunView):
         "undos",
         "waiting",
         "wall0",
+        "workers",
     )
 
     def __init__(
@@ -275,7 +278,8 @@ class _Run(_RunView):
             self.outputs_view = types.MappingProxyType(ChainMap(self.outputs, parent.outputs_view))  # type: ignore[arg-type]
             self.store = _Store(plan.concurrent, parent.store)
         self.children: dict[int, _Run] = {}
-        self.sems: dict[int, anyio.Semaphore] = {}
+        self.queues: dict[int, deque[int]] = {}
+        self.workers: dict[int, int] = {}
         self.stop: str | None = None
         self.culprit: str | None = None
         self.failure: int = -1
@@ -286,6 +290,7 @@ class _Run(_RunView):
         self.deadline: float | None = None
         self.wall0 = 0.0
         self.mono0 = 0.0
+        self.now: Callable[[], float] = anyio.current_time
         self.tel: Instruments | None = instruments if instruments is not None else (parent.tel if parent else None)
         self.tracing = False  # set once the run's span turns out to be recording
         self.span: trace.Span | None = None
@@ -376,8 +381,9 @@ class _Run(_RunView):
 
     async def _run(self) -> PipelineResponse:
         pipeline = self.pipeline
+        self.now = _loop_clock()
         self.wall0 = time.time()
-        self.mono0 = anyio.current_time()
+        self.mono0 = self.now()
         request = self.request
         limits = [t for t in (pipeline.timeout, request.options.timeout) if t is not None]
         self.deadline = min(limits) if limits else None
@@ -414,11 +420,9 @@ class _Run(_RunView):
                     await anyio.lowlevel.checkpoint_if_cancelled()  # cancelled before a stage started
                     async with anyio.create_task_group() as tg:
                         self.tg = tg
-                        roots = self.plan.roots
-                        for r in roots[1:]:
-                            tg.start_soon(self._drive, r)
-                        if roots:
-                            await self._drive(roots[0])
+                        first = self._dispatch(self.plan.roots)
+                        if first >= 0:
+                            await self._drive(first)
                 if scope.cancelled_caught and self.stop is None:
                     self.stop = "cancelled" if self.cancel_requested else "timeout"
             except cancelled_exc:
@@ -471,12 +475,56 @@ class _Run(_RunView):
                     why = "failed" if self.status[failed] is not _SKIPPED else "was skipped after a failure"
                     await self._skip(d, f"dependency {dep.name!r} {why}", blocked=True)
                     todo.append(d)
+                elif self.nodes[d].limit is not None:
+                    self._enqueue_limited(d)
                 elif inline < 0:
                     inline = d
                 else:
                     assert self.tg is not None
                     self.tg.start_soon(self._drive, d)
         return inline
+
+    def _dispatch(self, ready: Sequence[int]) -> int:
+        """Start ``ready`` nodes; return one to run inline (or -1)."""
+        inline = -1
+        for i in ready:
+            if self.nodes[i].limit is not None:
+                self._enqueue_limited(i)
+            elif inline < 0:
+                inline = i
+            else:
+                assert self.tg is not None
+                self.tg.start_soon(self._drive, i)
+        return inline
+
+    def _enqueue_limited(self, i: int) -> None:
+        """Queue a member of a limited parallel group; its group runs at most ``limit`` workers."""
+        group = self.nodes[i].group
+        queue = self.queues.get(group)
+        if queue is None:
+            queue = self.queues[group] = deque()
+        queue.append(i)
+        busy = self.workers.get(group, 0)
+        if busy < (self.nodes[i].limit or 1):
+            self.workers[group] = busy + 1
+            assert self.tg is not None
+            self.tg.start_soon(self._group_worker, group)
+
+    async def _group_worker(self, group: int) -> None:
+        """Run queued members of one limited group, one at a time, until none is left."""
+        queue = self.queues[group]
+        try:
+            while queue and not self._stopping():
+                i = queue.popleft()
+                await self._run_node(i)
+                if self._stopping():
+                    return
+                follow = await self._release(i)
+                if follow >= 0:
+                    assert self.tg is not None
+                    self.tg.start_soon(self._drive, follow)
+        finally:
+            self.workers[group] -= 1
 
     async def _skip(self, i: int, reason: str, *, blocked: bool) -> None:
         self.status[i] = _SKIPPED
@@ -490,7 +538,7 @@ class _Run(_RunView):
                 ev.StageSkipped(
                     request_id=self.request.id,
                     pipeline=self.pipeline_name,
-                    timestamp=self._now_wall(anyio.current_time()),
+                    timestamp=self._now_wall(self.now()),
                     stage=self.nodes[i].name,
                     reason=reason,
                 )
@@ -502,7 +550,7 @@ class _Run(_RunView):
             try:
                 go = node.when(StageContext(self, node.name))
             except Exception as exc:
-                self.t0[i] = self.t1[i] = anyio.current_time()
+                self.t0[i] = self.t1[i] = self.now()
                 ids = _NO_IDS
                 if self.tracing:  # the failure belongs in the trace too
                     assert self.tel is not None
@@ -518,20 +566,13 @@ class _Run(_RunView):
             if not go:
                 await self._skip(i, "condition is false", blocked=False)
                 return
-        if node.limit is None:
-            await self._attempt(i, node)
-            return
-        sem = self.sems.get(node.group)
-        if sem is None:
-            sem = self.sems[node.group] = anyio.Semaphore(node.limit)
-        async with sem:
-            await self._attempt(i, node)
+        await self._attempt(i, node)
 
     async def _attempt(self, i: int, node: Node) -> None:
         self.status[i] = _RUNNING
         self.start_index[i] = self.starts
         self.starts += 1
-        t0 = self.t0[i] = anyio.current_time()
+        t0 = self.t0[i] = self.now()
         self.attempts[i] = 1
         ctx = StageContext(self, node.name)
         emitter = self.emitter
@@ -561,7 +602,9 @@ class _Run(_RunView):
                 )
             if node.validate is not None:
                 node.validate(ctx)
-            if node.retry is None:
+            if node.direct:
+                out = await node.stage.execute(ctx)
+            elif node.retry is None:
                 out = await self._call(i, node, ctx, 1)
             else:
 
@@ -573,7 +616,7 @@ class _Run(_RunView):
 
                 out = await call_with_retry(node.retry, attempt, on_retry)
         except Exception as exc:
-            t1 = self.t1[i] = anyio.current_time()
+            t1 = self.t1[i] = self.now()
             if anyio.current_effective_deadline() == -math.inf:
                 # The stage raised while being cancelled (fail-fast, the run's
                 # deadline, handle.cancel()): it was interrupted, not failed.
@@ -590,13 +633,13 @@ class _Run(_RunView):
             await self._fail(i, exc, ids)
             return
         except BaseException:
-            t1 = self.t1[i] = anyio.current_time()
+            t1 = self.t1[i] = self.now()
             status = self._interrupted_status()
             if span is not None:
                 self._end_stage_span(span, token, status, self.attempts[i], None)
             self._record_stage(node, status, t1 - t0)
             raise
-        t1 = self.t1[i] = anyio.current_time()
+        t1 = self.t1[i] = self.now()
         self.status[i] = _SUCCEEDED
         self.output[i] = out
         self.outputs[node.name] = out
@@ -697,7 +740,7 @@ class _Run(_RunView):
                 ev.StageRetrying(
                     request_id=self.request.id,
                     pipeline=self.pipeline_name,
-                    timestamp=self._now_wall(anyio.current_time()),
+                    timestamp=self._now_wall(self.now()),
                     stage=node.name,
                     attempt=attempt,
                     error=error,
@@ -871,17 +914,25 @@ class _Run(_RunView):
                 ev.RollbackStarted(
                     request_id=self.request.id,
                     pipeline=self.pipeline_name,
-                    timestamp=self._now_wall(anyio.current_time()),
+                    timestamp=self._now_wall(self.now()),
                     stages=tuple(nodes[i].name for i in order),
                 )
             )
-        done = {i: anyio.Event() for i in order}
+        # Like the forward run: a chain is undone inline in one task, a task
+        # is spawned only where independent branches can be undone together.
+        pending = {i: len(before) for i, before in order.items()}
+        unblocks: dict[int, list[int]] = {i: [] for i in order}
+        for i, before in order.items():
+            for j in before:
+                unblocks[j].append(i)
         started: set[int] = set()
         timeout = self.pipeline.rollback_timeout
         with anyio.move_on_after(timeout):
             async with anyio.create_task_group() as tg:
-                for i, before in order.items():
-                    tg.start_soon(self._undo, i, [done[j] for j in before], done[i], started)
+                ready = [i for i, count in pending.items() if not count]
+                for i in ready[1:]:
+                    tg.start_soon(self._undo_chain, i, pending, unblocks, started, tg)
+                await self._undo_chain(ready[0], pending, unblocks, started, tg)
         errors: list[BaseException] = []
         unfinished = {i for i in order if not self.rolled_back[i] and self.rollback_error[i] is None}
         for i, before in order.items():
@@ -897,20 +948,42 @@ class _Run(_RunView):
                 ev.RollbackFinished(
                     request_id=self.request.id,
                     pipeline=self.pipeline_name,
-                    timestamp=self._now_wall(anyio.current_time()),
+                    timestamp=self._now_wall(self.now()),
                     rolled_back=sum(self.rolled_back),
                     failed=len(errors),
                 )
             )
         return errors
 
-    async def _undo(self, i: int, before: list[anyio.Event], done: anyio.Event, started: set[int]) -> None:
+    async def _undo_chain(
+        self,
+        i: int,
+        pending: dict[int, int],
+        unblocks: dict[int, list[int]],
+        started: set[int],
+        tg: anyio.abc.TaskGroup,
+    ) -> None:
+        """Undo ``i``, then whatever it unblocks: one inline, the rest in new tasks."""
+        while True:
+            await self._undo(i, started)
+            follow = -1
+            for k in unblocks[i]:
+                pending[k] -= 1
+                if pending[k]:
+                    continue
+                if follow < 0:
+                    follow = k
+                else:
+                    tg.start_soon(self._undo_chain, k, pending, unblocks, started, tg)
+            if follow < 0:
+                return
+            i = follow
+
+    async def _undo(self, i: int, started: set[int]) -> None:
         node = self.nodes[i]
         span = token = None
+        started.add(i)
         try:
-            for event in before:
-                await event.wait()
-            started.add(i)
             tel = self.tel
             if tel is not None and self.tracing:
                 span = tel.tracer.start_span(
@@ -944,13 +1017,12 @@ class _Run(_RunView):
                         ev.StageRolledBack(
                             request_id=self.request.id,
                             pipeline=self.pipeline_name,
-                            timestamp=self._now_wall(anyio.current_time()),
+                            timestamp=self._now_wall(self.now()),
                             stage=node.name,
                             attempt=self.attempts[i],
                         )
                     )
         finally:
-            done.set()
             if span is not None:
                 otel_context.detach(token)  # type: ignore[arg-type]
                 if not self.rolled_back[i] and self.rollback_error[i] is None:
@@ -970,7 +1042,7 @@ class _Run(_RunView):
                 ev.StageRollbackFailed(
                     request_id=self.request.id,
                     pipeline=self.pipeline_name,
-                    timestamp=self._now_wall(anyio.current_time()),
+                    timestamp=self._now_wall(self.now()),
                     stage=node.name,
                     attempt=self.attempts[i],
                     error=error,
@@ -1000,7 +1072,7 @@ class _Run(_RunView):
         return PipelineCancelledError(self.pipeline_name, request_id=self.request.id)
 
     async def _respond(self, error: PipekitError | None = None) -> PipelineResponse:
-        end = anyio.current_time()
+        end = self.now()
         if error is None:
             error = self._run_error()
         rollback_errors = [e for e in self.rollback_error if e is not None]
@@ -1049,30 +1121,12 @@ class _Run(_RunView):
                 )
         keep = error is None or self.pipeline.keeps_partial_outputs
         wall0, mono0 = self.wall0, self.mono0
-        stages: dict[str, StageResult] = {}
-        for i, node in enumerate(self.nodes):
-            started = self.attempts[i] > 0 or self.t0[i] > 0
-            stages[node.name] = StageResult(
-                name=node.name,
-                status=self.status[i],
-                output=self.output[i] if keep else None,
-                error=self.error[i],
-                attempts=self.attempts[i],
-                started_at=datetime.fromtimestamp(wall0 + self.t0[i] - mono0, UTC) if started else None,
-                finished_at=datetime.fromtimestamp(wall0 + self.t1[i] - mono0, UTC) if started else None,
-                duration=max(self.t1[i] - self.t0[i], 0.0) if started else 0.0,
-                rolled_back=self.rolled_back[i],
-                rollback_error=self.rollback_error[i],
-                reason=self.reason[i],
-                start_index=self.start_index[i],
-                rollback_index=self.rollback_index[i],
-            )
         outputs = types.MappingProxyType(dict(self.outputs) if keep else {})
         response = PipelineResponse(
             id=self.request.id,
             pipeline=self.pipeline_name,
             status=status,
-            stages=types.MappingProxyType(stages),
+            stages=_StageResults(self, keep=keep),
             outputs=outputs,
             error=error,
             started_at=datetime.fromtimestamp(wall0, UTC),
@@ -1124,6 +1178,72 @@ def _span_ids(span: trace.Span | None = None) -> Mapping[str, str]:
     if not span_context.is_valid:
         return _NO_IDS
     return {"trace_id": f"{span_context.trace_id:032x}", "span_id": f"{span_context.span_id:016x}"}
+
+
+class _StageResults(Mapping[str, StageResult]):
+    """The per-stage results of a finished run, built when first looked at.
+
+    Most callers read a few stages (or none); building every `StageResult`
+    eagerly cost more than running a no-op stage.
+    """
+
+    __slots__ = ("_built", "_keep", "_run")
+
+    def __init__(self, run: _Run, *, keep: bool) -> None:
+        self._run = run
+        self._keep = keep
+        self._built: dict[int, StageResult] = {}
+
+    def __getitem__(self, name: str) -> StageResult:
+        i = self._run.plan.index[name]
+        found = self._built.get(i)
+        if found is None:
+            found = self._built[i] = self._build(i)
+        return found
+
+    def _build(self, i: int) -> StageResult:
+        run = self._run
+        started = run.attempts[i] > 0 or run.t0[i] > 0
+        wall0, mono0 = run.wall0, run.mono0
+        return StageResult(
+            name=run.nodes[i].name,
+            status=run.status[i],
+            output=run.output[i] if self._keep else None,
+            error=run.error[i],
+            attempts=run.attempts[i],
+            started_at=datetime.fromtimestamp(wall0 + run.t0[i] - mono0, UTC) if started else None,
+            finished_at=datetime.fromtimestamp(wall0 + run.t1[i] - mono0, UTC) if started else None,
+            duration=max(run.t1[i] - run.t0[i], 0.0) if started else 0.0,
+            rolled_back=run.rolled_back[i],
+            rollback_error=run.rollback_error[i],
+            reason=run.reason[i],
+            start_index=run.start_index[i],
+            rollback_index=run.rollback_index[i],
+        )
+
+    def __iter__(self) -> Iterator[str]:
+        return (node.name for node in self._run.nodes)
+
+    def __len__(self) -> int:
+        return len(self._run.nodes)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._run.plan.index
+
+    def __repr__(self) -> str:
+        return repr(dict(self.items()))
+
+
+def _loop_clock() -> Callable[[], float]:
+    """The running event loop's clock: what ``anyio.current_time()`` reads, minus its dispatch cost."""
+    try:
+        return asyncio.get_running_loop().time
+    except RuntimeError:
+        try:
+            import trio  # noqa: PLC0415 - only when running on trio
+        except ImportError:  # pragma: no cover - anyio supports asyncio and trio
+            return anyio.current_time
+        return trio.current_time
 
 
 def _atomic_lock(pipeline: Pipeline) -> anyio.Lock:
