@@ -338,9 +338,8 @@ class Engine:
                 listeners=(handle._log.append, self._events.append),
                 on_hook_failure=hook_failed,
                 on_start=handle._attach,
-                tracer_provider=self._tracer_provider,
-                meter_provider=self._meter_provider,
                 hook_timeout=self._hook_timeout,
+                instruments=self._instruments,
             )
         finally:
             otel_context.detach(token)

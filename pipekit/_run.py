@@ -318,6 +318,17 @@ class _Run(_RunView):
         assert self.emitter is not None
         await self.emitter.emit(event)
 
+    async def _emit_shielded(self, event: ev.Event) -> None:
+        """Emit during clean-up: hooks (which may await) run shielded; listeners need no scope."""
+        emitter = self.emitter
+        assert emitter is not None
+        if emitter.hooks:
+            with anyio.CancelScope(shield=True):
+                await emitter.emit(event)
+        else:
+            for listener in emitter.listeners:
+                listener(event)
+
     def _now_wall(self, mono: float) -> float:
         return self.wall0 + (mono - self.mono0)
 
@@ -820,19 +831,18 @@ class _Run(_RunView):
             **ids,
         )
         if self.emitter is not None:
-            with anyio.CancelScope(shield=True):
-                await self._emit(
-                    ev.StageFailed(
-                        request_id=self.request.id,
-                        pipeline=self.pipeline_name,
-                        timestamp=self._now_wall(self.t1[i]),
-                        stage=node.name,
-                        attempt=self.attempts[i],
-                        error=exc,
-                        status=status,
-                        duration=self.t1[i] - self.t0[i],
-                    )
+            await self._emit_shielded(
+                ev.StageFailed(
+                    request_id=self.request.id,
+                    pipeline=self.pipeline_name,
+                    timestamp=self._now_wall(self.t1[i]),
+                    stage=node.name,
+                    attempt=self.attempts[i],
+                    error=exc,
+                    status=status,
+                    duration=self.t1[i] - self.t0[i],
                 )
+            )
 
     # -- finishing ----------------------------------------------------------
 
@@ -858,18 +868,17 @@ class _Run(_RunView):
                     "pipekit.stage.cancelled", stage=node.name, attempt=self.attempts[i], status=status[i].value
                 )
                 if self.emitter is not None:
-                    with anyio.CancelScope(shield=True):
-                        await self._emit(
-                            ev.StageCancelled(
-                                request_id=self.request.id,
-                                pipeline=self.pipeline_name,
-                                timestamp=self._now_wall(self.t1[i]),
-                                stage=node.name,
-                                attempt=self.attempts[i],
-                                status=status[i],
-                                reason=self.reason[i] or "",
-                            )
+                    await self._emit_shielded(
+                        ev.StageCancelled(
+                            request_id=self.request.id,
+                            pipeline=self.pipeline_name,
+                            timestamp=self._now_wall(self.t1[i]),
+                            stage=node.name,
+                            attempt=self.attempts[i],
+                            status=status[i],
+                            reason=self.reason[i] or "",
                         )
+                    )
             elif s is _PENDING:
                 with anyio.CancelScope(shield=True):
                     await self._skip(i, f"not started: {reason}", blocked=True)
@@ -1108,17 +1117,16 @@ class _Run(_RunView):
                 error=f"{type(error).__name__}: {error}",
             )
         if self.emitter is not None:
-            with anyio.CancelScope(shield=True):
-                await self._emit(
-                    ev.PipelineFinished(
-                        request_id=self.request.id,
-                        pipeline=self.pipeline_name,
-                        timestamp=self._now_wall(end),
-                        error=error,
-                        status=status,
-                        duration=duration,
-                    )
+            await self._emit_shielded(
+                ev.PipelineFinished(
+                    request_id=self.request.id,
+                    pipeline=self.pipeline_name,
+                    timestamp=self._now_wall(end),
+                    error=error,
+                    status=status,
+                    duration=duration,
                 )
+            )
         keep = error is None or self.pipeline.keeps_partial_outputs
         wall0, mono0 = self.wall0, self.mono0
         outputs = types.MappingProxyType(dict(self.outputs) if keep else {})
@@ -1330,6 +1338,7 @@ async def execute_pipeline(
     tracer_provider: TracerProvider | None = None,
     meter_provider: MeterProvider | None = None,
     hook_timeout: float = HOOK_TIMEOUT,
+    instruments: Instruments | None = None,
 ) -> PipelineResponse:
     """Run ``pipeline`` for ``request`` and return the response (the public entry point)."""
     definition_errors: list[ValidationError] = []
@@ -1343,7 +1352,8 @@ async def execute_pipeline(
         problem.__cause__ = exc
         definition_errors.append(problem)
         plan = compile_plan(pipeline, lenient=True)
-    instruments = get_instruments(tracer_provider, meter_provider)
+    if instruments is None:
+        instruments = get_instruments(tracer_provider, meter_provider)
     all_hooks = (*pipeline.hooks, *hooks)
     listeners = (*listeners, *extra_listeners.get(), *process_listeners)
     emitter = (
