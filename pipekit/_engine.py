@@ -251,6 +251,7 @@ class Engine:
         self._tracer_provider = tracer_provider
         self._meter_provider = meter_provider
         self._instruments = get_instruments(tracer_provider, meter_provider)
+        self._explicit_providers = tracer_provider is not None and meter_provider is not None
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -338,8 +339,13 @@ class Engine:
                 listeners=(handle._log.append, self._events.append),
                 on_hook_failure=hook_failed,
                 on_start=handle._attach,
+                tracer_provider=self._tracer_provider,
+                meter_provider=self._meter_provider,
                 hook_timeout=self._hook_timeout,
-                instruments=self._instruments,
+                # With providers given, reuse the instruments made for them; without,
+                # resolve the defaults per run (a capture_spans() or global provider
+                # set up after the engine was created applies too).
+                instruments=self._instruments if self._explicit_providers else None,
             )
         finally:
             otel_context.detach(token)

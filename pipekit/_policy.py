@@ -170,6 +170,7 @@ async def call_with_retry(
         if policy.max_attempts <= 1 or not policy.is_retryable(exc):
             raise
         first: BaseException | None = exc
+        replayed = exc  # already judged retryable: a should_retry predicate sees each error once
 
     async def before_sleep(state: _t.RetryCallState) -> None:
         assert state.outcome is not None
@@ -181,7 +182,7 @@ async def call_with_retry(
     retrying = _t.AsyncRetrying(
         stop=_t.stop_after_attempt(policy.max_attempts),
         wait=policy._wait(),
-        retry=_t.retry_if_exception(policy.is_retryable),
+        retry=_t.retry_if_exception(lambda error: error is replayed or policy.is_retryable(error)),
         sleep=policy.sleep or anyio.sleep,
         before_sleep=before_sleep,
         reraise=True,

@@ -198,7 +198,9 @@ def find_rollback(stage: object) -> RollbackFunction | None:
 
 
 def _inherits_noop(stage: object, attr: str) -> bool:
+    # True when the method the stage would use is BaseStage's no-op (inherited,
+    # or re-assigned by a subclass to opt out of a parent's implementation).
     for klass in type(stage).__mro__:
         if attr in klass.__dict__:
-            return klass is BaseStage
+            return klass.__dict__[attr] is BaseStage.__dict__[attr]
     return False

@@ -15,9 +15,10 @@ from pipekit._run import extra_listeners, process_listeners
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.metrics import MeterProvider
-    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader, Metric
     from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    from opentelemetry.sdk.trace.sampling import Sampler
 
 __all__ = ["EventCapture", "SpanCapture", "assert_span_tree", "capture_events", "capture_logs", "capture_spans"]
 
@@ -87,6 +88,30 @@ class SpanCapture:
         walk(None, 0)
         return "\n".join(lines)
 
+    def metric_names(self) -> set[str]:
+        """The names of the metrics recorded so far."""
+        data = self._reader.get_metrics_data()
+        return {
+            metric.name
+            for resource in (data.resource_metrics if data is not None else ())
+            for scope in resource.scope_metrics
+            for metric in scope.metrics
+        }
+
+    def metric(self, name: str) -> Metric:
+        """The SDK's current data of metric ``name`` (kind, unit, every data point with sums).
+
+        Raises:
+            AssertionError: If no such metric was recorded, listing those that were.
+        """
+        data = self._reader.get_metrics_data()
+        for resource in data.resource_metrics if data is not None else ():
+            for scope in resource.scope_metrics:
+                for metric in scope.metrics:
+                    if metric.name == name:
+                        return metric
+        raise AssertionError(f"no metric {name!r} recorded; recorded: {sorted(self.metric_names())}")
+
     def metric_points(self, name: str) -> list[tuple[dict[str, Any], Any]]:
         """The current data points of metric ``name``: (attributes, value or histogram count)."""
         data = self._reader.get_metrics_data()
@@ -109,7 +134,7 @@ class SpanCapture:
 
 
 @contextmanager
-def capture_spans(*, everywhere: bool = False) -> Iterator[SpanCapture]:
+def capture_spans(*, everywhere: bool = False, sampler: Sampler | None = None) -> Iterator[SpanCapture]:
     """Record the spans and metrics of runs started inside the block on a private SDK provider.
 
     Runs (and engines created) inside the block use the private providers
@@ -123,6 +148,8 @@ def capture_spans(*, everywhere: bool = False) -> Iterator[SpanCapture]:
     Args:
         everywhere: Apply to runs in every task of the process, not just the
             current task and those it starts (the pytest fixtures use this).
+        sampler: The tracer provider's sampler (e.g. ``ALWAYS_OFF`` to test
+            sampled-out runs); the SDK default otherwise.
 
     Raises:
         ImportError: If the OpenTelemetry SDK is not installed.
@@ -136,7 +163,7 @@ def capture_spans(*, everywhere: bool = False) -> Iterator[SpanCapture]:
     except ImportError as exc:  # pragma: no cover - the dev extra has the SDK
         raise ImportError(_NEEDS_SDK) from exc
     exporter = InMemorySpanExporter()
-    tracer_provider = TracerProvider()
+    tracer_provider = TracerProvider(sampler=sampler) if sampler is not None else TracerProvider()
     tracer_provider.add_span_processor(SimpleSpanProcessor(exporter))
     reader = InMemoryMetricReader()
     meter_provider = MeterProvider(metric_readers=[reader])
@@ -172,15 +199,14 @@ def _canonical(rows: Sequence[tuple[int, str]]) -> list[str]:
         return nodes, index
 
     forest, _ = build(0, 0)
-    out: list[str] = []
 
-    def emit(nodes: list[tuple[str, list[Any]]], depth: int) -> None:
-        for name, children in sorted(nodes, key=lambda n: n[0]):
-            out.append(f"{'    ' * depth}{name}")
-            emit(children, depth + 1)
+    def render(nodes: list[tuple[str, list[Any]]], depth: int) -> list[str]:
+        # Each sibling sorted together with its whole subtree, so siblings of
+        # the same name with different children compare in any order.
+        blocks = sorted([f"{'    ' * depth}{name}", *render(children, depth + 1)] for name, children in nodes)
+        return [line for block in blocks for line in block]
 
-    emit(forest, 0)
-    return out
+    return render(forest, 0)
 
 
 def assert_span_tree(spans: SpanCapture, expected: str) -> None:
@@ -247,12 +273,15 @@ def capture_events(*, everywhere: bool = False) -> Iterator[EventCapture]:
     """
     capture = EventCapture()
     listener = capture.events.append
-    token = extra_listeners.set((*extra_listeners.get(), listener))
-    if everywhere:
+    if everywhere:  # the process-wide list covers this task too: register once
         process_listeners.append(listener)
+        try:
+            yield capture
+        finally:
+            process_listeners.remove(listener)
+        return
+    token = extra_listeners.set((*extra_listeners.get(), listener))
     try:
         yield capture
     finally:
-        if everywhere:
-            process_listeners.remove(listener)
         extra_listeners.reset(token)

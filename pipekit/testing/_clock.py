@@ -40,7 +40,7 @@ __all__ = [
 ]
 
 T = TypeVar("T")
-BackendSpec = tuple[str, dict[str, Any]]
+BackendSpec = tuple[str, Mapping[str, Any]]
 
 _NUMERIC_ONLY = socket.AI_NUMERICHOST | getattr(socket, "AI_NUMERICSERV", 0)
 
@@ -270,4 +270,4 @@ def run_with_fake_clock(
     import anyio  # noqa: PLC0415 - keep the module light for the pytest plugin
 
     name, options = fake_clock_backend(backend, autojump_threshold=autojump_threshold)
-    return anyio.run(fn, *args, backend=name, backend_options=options)
+    return anyio.run(fn, *args, backend=name, backend_options=dict(options))

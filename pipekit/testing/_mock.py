@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping
 from typing import Any, Self
 
@@ -25,8 +26,12 @@ class Call:
     """What a mock stage saw when it was called.
 
     Attributes:
+        sequence: Its place among all mock calls in the process (execute,
+            rollback and validate alike): orders calls made at the same instant.
+        pipeline: The pipeline being run.
         stage: The stage's name.
-        attempt: The attempt (1-based; always 1 for rollbacks and validations).
+        attempt: The attempt (1-based); for a rollback, the attempts the stage
+            took; for a validation, 1.
         request_id: The request being served.
         input: A copy of the request input.
         outputs: A copy of the outputs of the stages finished at that point.
@@ -34,6 +39,8 @@ class Call:
         time: ``anyio.current_time()`` at the call (virtual under a fake clock).
     """
 
+    sequence: int
+    pipeline: str
     stage: str
     attempt: int
     request_id: str
@@ -43,8 +50,13 @@ class Call:
     time: float
 
 
+_sequence = itertools.count()
+
+
 def _snapshot(ctx: StageContext) -> Call:
     return Call(
+        sequence=next(_sequence),
+        pipeline=ctx.pipeline,
         stage=ctx.stage,
         attempt=ctx.attempt,
         request_id=ctx.request.id,
@@ -69,13 +81,16 @@ class MockStage(BaseStage):
     Args:
         name: The stage's name.
         output: What ``execute`` returns once it succeeds.
-        error: Raised by every call when given (an exception, its class, or a
-            message for a `MockStageError`).
-        fail_times: The first this-many calls raise `MockStageError`, later
-            ones succeed (for testing retries).
+        error: What failing calls raise: an exception, its class, or a message
+            for a `MockStageError`. Without ``fail_times`` every call raises it.
+        fail_times: The first this-many calls fail (with ``error``, else a
+            `MockStageError`), later ones succeed: for testing retries.
         delay: Seconds each call sleeps before finishing (on the fake clock
             when one is running).
+        rollback: Whether the stage can roll back (``False``: a stage without
+            a rollback, so it is never compensated).
         rollback_error: Raised by ``rollback`` when given.
+        rollback_delay: Seconds ``rollback`` sleeps first (``math.inf``: it hangs).
         validate_error: Raised by ``validate`` when given (a message becomes a
             `pipekit.ValidationError`).
 
@@ -93,19 +108,37 @@ class MockStage(BaseStage):
         error: BaseException | type[BaseException] | str | None = None,
         fail_times: int = 0,
         delay: float = 0.0,
+        rollback: bool = True,
         rollback_error: BaseException | type[BaseException] | str | None = None,
+        rollback_delay: float = 0.0,
         validate_error: BaseException | type[BaseException] | str | None = None,
     ) -> None:
         super().__init__(name)
-        if not isinstance(fail_times, int) or fail_times < 0:
+        if not rollback:
+            # Opt out of MockStage.rollback: pipekit then sees no rollback at all.
+            self.__class__ = _MockStageWithoutRollback
+        if not isinstance(fail_times, int) or isinstance(fail_times, bool) or fail_times < 0:
             raise ValueError(f"MockStage fail_times must be an integer >= 0, got {fail_times!r}")
-        if not isinstance(delay, int | float) or delay < 0:
-            raise ValueError(f"MockStage delay must be a number of seconds >= 0, got {delay!r}")
+        for label, planned in (
+            ("error", error),
+            ("rollback_error", rollback_error),
+            ("validate_error", validate_error),
+        ):
+            if not (
+                planned is None
+                or isinstance(planned, BaseException | str)
+                or (isinstance(planned, type) and issubclass(planned, BaseException))
+            ):
+                raise TypeError(f"MockStage {label} must be an exception, its class or a message, got {planned!r}")
+        for label, seconds in (("delay", delay), ("rollback_delay", rollback_delay)):
+            if not isinstance(seconds, int | float) or isinstance(seconds, bool) or not seconds >= 0:
+                raise ValueError(f"MockStage {label} must be a number of seconds >= 0, got {seconds!r}")
         self.output = output
         self.error = error
         self.fail_times = fail_times
         self.delay = float(delay)
         self.rollback_error = rollback_error
+        self.rollback_delay = float(rollback_delay)
         self.validate_error = validate_error
         self.calls: list[Call] = []
         self.rollbacks: list[Call] = []
@@ -132,10 +165,13 @@ class MockStage(BaseStage):
         self.calls.append(_snapshot(ctx))
         if self.delay:
             await anyio.sleep(self.delay)
-        if self.error is not None:
+        if self.fail_times:
+            if len(self.calls) <= self.fail_times:
+                if self.error is not None:
+                    raise _as_exception(self.error, MockStageError)
+                raise MockStageError(f"{self.name} failed as planned (call {len(self.calls)} of {self.fail_times})")
+        elif self.error is not None:
             raise _as_exception(self.error, MockStageError)
-        if len(self.calls) <= self.fail_times:
-            raise MockStageError(f"{self.name} failed as planned (call {len(self.calls)} of {self.fail_times})")
         return self.output
 
     def validate(self, ctx: StageContext) -> None:
@@ -147,11 +183,19 @@ class MockStage(BaseStage):
     async def rollback(self, ctx: StageContext) -> None:
         """Record the call; raise ``rollback_error`` when given."""
         self.rollbacks.append(_snapshot(ctx))
+        if self.rollback_delay:
+            await anyio.sleep(self.rollback_delay)
         if self.rollback_error is not None:
             raise _as_exception(self.rollback_error, MockStageError)
 
     def __repr__(self) -> str:
         return f"<MockStage {self.name!r} calls={len(self.calls)} rollbacks={len(self.rollbacks)}>"
+
+
+class _MockStageWithoutRollback(MockStage):
+    """A `MockStage` made with ``rollback=False``."""
+
+    rollback = BaseStage.rollback
 
 
 @attrs.frozen(eq=False, repr=False)

@@ -18,6 +18,7 @@ none of these are left alone.
 from __future__ import annotations
 
 import importlib.util
+import inspect
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -43,20 +44,38 @@ def pytest_configure(config: pytest.Config) -> None:
 @pytest.hookimpl(tryfirst=True)
 def pytest_pycollect_makeitem(collector: pytest.Module | pytest.Class, name: str, obj: object) -> None:
     """Give tests marked ``pipekit_clock`` the fixture, so the clock is checked."""
-    if collector.istestfunction(obj, name) and (
-        collector.get_closest_marker(_MARKER) or any(m.name == _MARKER for m in getattr(obj, "pytestmark", ()))
+    if (
+        collector.istestfunction(obj, name)
+        and inspect.iscoroutinefunction(obj)  # a class-level marker leaves the sync tests alone
+        and (collector.get_closest_marker(_MARKER) or any(m.name == _MARKER for m in getattr(obj, "pytestmark", ())))
     ):
         pytest.mark.usefixtures(_MARKER)(obj)
 
 
-def _default_backends() -> list[str]:
+def _default_backends(metafunc: pytest.Metafunc) -> list[str | BackendSpec]:
+    """The backends the test's ``anyio_backend`` fixture would give it, options included.
+
+    So a project's ``anyio_backend`` (asyncio in debug mode, say) keeps its
+    options under the fake clock. pytest has no public way to read a fixture's
+    params, so this looks at its definition and falls back to both backends.
+    """
+    definitions = getattr(metafunc, "_arg2fixturedefs", {}).get("anyio_backend")
+    params = getattr(definitions[-1], "params", None) if definitions else None
+    if params:
+        found: list[str | BackendSpec] = []
+        for param in params:
+            value = param.values[0] if hasattr(param, "values") and len(param.values) == 1 else param
+            if isinstance(value, str) or (isinstance(value, tuple) and len(value) == 2):
+                found.append(value)
+        if found:
+            return found
     return ["asyncio", "trio"] if importlib.util.find_spec("trio") is not None else ["asyncio"]
 
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     """Run tests that use the fake clock on fake-clock variants of ``anyio_backend``."""
-    if _MARKER not in metafunc.fixturenames:
+    if _MARKER not in metafunc.fixturenames or not inspect.iscoroutinefunction(metafunc.function):
         return
     marker = metafunc.definition.get_closest_marker(_MARKER)
     options = marker.kwargs if marker is not None else {}
@@ -67,7 +86,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
                 f"{metafunc.definition.nodeid}: choose backends with @pytest.mark.pipekit_clock(backends=...) "
                 "instead of parametrizing anyio_backend"
             )
-    backends: Sequence[str | BackendSpec] = options.get("backends") or _default_backends()
+    backends: Sequence[str | BackendSpec] = options.get("backends") or _default_backends(metafunc)
     threshold = float(options.get("autojump_threshold", 0.0))
     # A parametrize *marker* (not metafunc.parametrize) so pytest uses it in
     # place of the anyio_backend fixture's own parameters.
