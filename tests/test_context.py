@@ -7,11 +7,14 @@ from typing import Any, assert_type
 
 import anyio
 import pytest
-import structlog
 
 import pipekit as pk
+from pipekit.testing import MockStage, assert_status, capture_logs
 
 StageFn = Callable[[pk.StageContext], Awaitable[Any]]
+
+#: Run the test on the fake clock (pipekit.testing), on the backends conftest's ``anyio_backend`` uses.
+fake_clock = pytest.mark.pipekit_clock(backends=[("asyncio", {"debug": True}), "trio"])
 
 
 def named(name: str, fn: StageFn) -> pk.FunctionStage:
@@ -32,6 +35,26 @@ def writer(name: str, key: pk.Key[Any], value: Any) -> pk.FunctionStage:
 async def run_one(fn: StageFn, **execute_kwargs: Any) -> pk.PipelineResponse:
     """Run ``fn`` as the only stage (named "s") of a pipeline."""
     return await pk.Pipeline("p").add_stage(named("s", fn)).execute(**execute_kwargs)
+
+
+class Journaled(MockStage):
+    """A `MockStage` that also notes each validate and execute, in order, in ``journal``.
+
+    A mock's ``validations`` and ``calls`` are separate lists, and nothing orders a validate
+    against an execute that happen at the same instant; the dry-run tests assert that order.
+    """
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.journal: list[tuple[str, bool]] = []
+
+    def validate(self, ctx: pk.StageContext) -> None:
+        self.journal.append(("validate", ctx.dry_run))
+        super().validate(ctx)
+
+    async def execute(self, ctx: pk.StageContext) -> Any:
+        self.journal.append(("execute", ctx.dry_run))
+        return await super().execute(ctx)
 
 
 class TestKey:
@@ -131,7 +154,7 @@ class TestItemAccess:
             ctx[pk.Key[str]("token")]
 
         response = await run_one(execute)
-        assert response.status is pk.Status.FAILED
+        assert_status(response, pk.Status.FAILED)
         error = response.stages["s"].error
         assert isinstance(error, KeyError)
         assert "token" in str(error)
@@ -330,19 +353,10 @@ class TestOutputs:
 
     async def test_shows_earlier_outputs_only(self) -> None:
         """A stage sees the outputs of the stages before it, not its own or later ones."""
-        seen: dict[str, dict[str, Any]] = {}
-
-        def recorder(name: str, output: int) -> pk.FunctionStage:
-            async def execute(ctx: pk.StageContext) -> int:
-                seen[name] = dict(ctx.outputs)
-                return output
-
-            return named(name, execute)
-
-        pipeline = pk.Pipeline("p").add_stage(recorder("a", 1)).add_stage(recorder("b", 2)).add_stage(recorder("c", 3))
-        response = await pipeline.execute()
+        a, b, c = MockStage("a", output=1), MockStage("b", output=2), MockStage("c", output=3)
+        response = await pk.Pipeline("p").add_stage(a).add_stage(b).add_stage(c).execute()
         assert response.ok
-        assert seen == {"a": {}, "b": {"a": 1}, "c": {"a": 1, "b": 2}}
+        assert [[dict(call.outputs) for call in m.calls] for m in (a, b, c)] == [[{}], [{"a": 1}], [{"a": 1, "b": 2}]]
 
     async def test_outputs_are_read_only(self) -> None:
         """Assigning to ctx.outputs raises TypeError; the real outputs are unchanged."""
@@ -361,17 +375,10 @@ class TestOutputs:
 
     async def test_outputs_include_none(self) -> None:
         """A stage that returned None still has an entry in ctx.outputs."""
-        seen: list[dict[str, Any]] = []
-
-        async def nothing(ctx: pk.StageContext) -> None:
-            return None
-
-        async def read(ctx: pk.StageContext) -> None:
-            seen.append(dict(ctx.outputs))
-
-        pipeline = pk.Pipeline("p").add_stage(named("a", nothing)).add_stage(named("b", read))
+        read = MockStage("b")
+        pipeline = pk.Pipeline("p").add_stage(MockStage("a", output=None)).add_stage(read)
         assert (await pipeline.execute()).ok
-        assert seen == [{"a": None}]
+        assert [dict(call.outputs) for call in read.calls] == [{"a": None}]
 
 
 class TestRunMetadata:
@@ -390,63 +397,31 @@ class TestRunMetadata:
 
     async def test_attempt_is_one_without_retries(self) -> None:
         """ctx.attempt is 1 on the first (and only) attempt."""
-        seen: list[int] = []
+        stage = MockStage("s")
+        assert (await pk.Pipeline("p").add_stage(stage).execute()).ok
+        assert [call.attempt for call in stage.calls] == [1]
 
-        async def execute(ctx: pk.StageContext) -> None:
-            seen.append(ctx.attempt)
-
-        assert (await run_one(execute)).ok
-        assert seen == [1]
-
+    @fake_clock
     async def test_attempt_counts_retries(self) -> None:
         """ctx.attempt counts up from 1 across retries."""
-        seen: list[int] = []
-
-        async def nap(seconds: float) -> None:
-            return None
-
-        async def execute(ctx: pk.StageContext) -> None:
-            seen.append(ctx.attempt)
-            if ctx.attempt < 3:
-                raise RuntimeError("again")
-
-        policy = pk.RetryPolicy(max_attempts=3, jitter=0, sleep=nap)
-        response = await pk.Pipeline("p").add_stage(named("s", execute), retry=policy).execute()
+        stage = MockStage("s", fail_times=2)
+        policy = pk.RetryPolicy(max_attempts=3, jitter=0)
+        response = await pk.Pipeline("p").add_stage(stage, retry=policy).execute()
         assert response.ok
-        assert seen == [1, 2, 3]
+        assert [(call.attempt, call.time) for call in stage.calls] == [(1, 0), (2, 1), (3, 3)]
 
     async def test_dry_run_false_in_normal_run(self) -> None:
         """ctx.dry_run is false in validate and execute of a normal run."""
-        seen: list[tuple[str, bool]] = []
-
-        class Probe(pk.BaseStage):
-            name = "probe"
-
-            def validate(self, ctx: pk.StageContext) -> None:
-                seen.append(("validate", ctx.dry_run))
-
-            async def execute(self, ctx: pk.StageContext) -> None:
-                seen.append(("execute", ctx.dry_run))
-
-        assert (await pk.Pipeline("p").add_stage(Probe()).execute()).ok
-        assert seen == [("validate", False), ("execute", False)]
+        probe = Journaled("probe")
+        assert (await pk.Pipeline("p").add_stage(probe).execute()).ok
+        assert probe.journal == [("validate", False), ("execute", False)]
 
     async def test_dry_run_true_in_dry_run(self) -> None:
         """ctx.dry_run is true when validate is called by a dry run."""
-        seen: list[tuple[str, bool]] = []
-
-        class Probe(pk.BaseStage):
-            name = "probe"
-
-            def validate(self, ctx: pk.StageContext) -> None:
-                seen.append(("validate", ctx.dry_run))
-
-            async def execute(self, ctx: pk.StageContext) -> None:
-                seen.append(("execute", ctx.dry_run))
-
+        probe = Journaled("probe")
         request = pk.PipelineRequest(options=pk.RequestOptions(dry_run=True))
-        assert (await pk.Pipeline("p").add_stage(Probe()).execute(request)).ok
-        assert seen == [("validate", True)]
+        assert (await pk.Pipeline("p").add_stage(probe).execute(request)).ok
+        assert probe.journal == [("validate", True)]
 
 
 class TestLog:
@@ -460,7 +435,7 @@ class TestLog:
 
         request = pk.PipelineRequest(id="req-1")
         pipeline = pk.Pipeline("greeter").add_stage(named("hello", execute))
-        with structlog.testing.capture_logs() as logs:
+        with capture_logs() as logs:
             response = await pipeline.execute(request)
         assert response.ok
         hello = [entry for entry in logs if entry["event"] == "test.stage.hello"]
@@ -479,7 +454,7 @@ class TestLog:
             ctx.log.warning("test.stage.mark")
 
         pipeline = pk.Pipeline("p").add_stage(named("one", execute)).add_stage(named("two", execute))
-        with structlog.testing.capture_logs() as logs:
+        with capture_logs() as logs:
             response = await pipeline.execute()
         marks = [entry for entry in logs if entry["event"] == "test.stage.mark"]
         assert [m["stage"] for m in marks] == ["one", "two"]
@@ -495,7 +470,7 @@ class TestConflicts:
         pipeline = pk.Pipeline("p").add_parallel_stages(writer("a", key, 1), writer("b", key, 2))
         with anyio.fail_after(5):
             response = await pipeline.execute()
-        assert response.status is pk.Status.FAILED
+        assert_status(response, pk.Status.FAILED)
         conflicts = [r.error for r in response.stages.values() if isinstance(r.error, pk.ContextConflictError)]
         assert len(conflicts) == 1
         conflict = conflicts[0]
@@ -543,7 +518,7 @@ class TestConflicts:
         )
         with anyio.fail_after(5):
             response = await pipeline.execute()
-        assert response.status is pk.Status.FAILED
+        assert_status(response, pk.Status.FAILED)
         conflicts = [r.error for r in response.stages.values() if isinstance(r.error, pk.ContextConflictError)]
         assert len(conflicts) == 1
         assert {conflicts[0].stage, conflicts[0].other} == {"left", "right"}
@@ -555,7 +530,7 @@ class TestConflicts:
             pk.Pipeline("p").add_stage(writer("x", key, 1), depends_on=()).add_stage(writer("y", key, 2), depends_on=())
         )
         response = await pipeline.execute()
-        assert response.status is pk.Status.FAILED
+        assert_status(response, pk.Status.FAILED)
         assert isinstance(response.error, pk.StageFailedError)
         assert isinstance(response.error.__cause__, pk.ContextConflictError)
 
@@ -576,7 +551,7 @@ class TestConflicts:
         pipeline = pk.Pipeline("p").add_parallel_stages(inner, named("sibling", sibling))
         with anyio.fail_after(5):
             response = await pipeline.execute()
-        assert response.status is pk.Status.FAILED
+        assert_status(response, pk.Status.FAILED)
         error = response.stages["inner"].error
         assert isinstance(error, pk.ContextConflictError)
         assert {error.stage, error.other} == {"inner", "sibling"}

@@ -5,11 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 import anyio
-import anyio.lowlevel
 import attrs
 import pytest
 
 import pipekit as pk
+from pipekit.testing import MockStage, assert_rolled_back, assert_status
 
 
 class Gate:
@@ -29,37 +29,6 @@ def gated(name: str, gate: Gate) -> pk.FunctionStage:
         return name
 
     return pk.stage(name=name)(run)
-
-
-def recording(name: str, log: list[str]) -> pk.FunctionStage:
-    """A stage that appends its name to ``log`` and returns it."""
-
-    async def run(ctx: pk.StageContext) -> str:
-        log.append(name)
-        return name
-
-    return pk.stage(name=name)(run)
-
-
-def failing(name: str) -> pk.FunctionStage:
-    """A stage that always raises RuntimeError."""
-
-    async def run(ctx: pk.StageContext) -> None:
-        raise RuntimeError(f"{name} broke")
-
-    return pk.stage(name=name)(run)
-
-
-def undoable(name: str, undone: list[str]) -> pk.FunctionStage:
-    """A stage that succeeds and appends its name to ``undone`` when rolled back."""
-
-    async def run(ctx: pk.StageContext) -> str:
-        return name
-
-    async def undo(ctx: pk.StageContext) -> None:
-        undone.append(name)
-
-    return pk.stage(name=name, rollback=undo)(run)
 
 
 def hanging(name: str, started: anyio.Event, interrupted: list[str]) -> pk.FunctionStage:
@@ -122,19 +91,15 @@ class TestSubmit:
 
     async def test_submit_builds_request_from_input(self) -> None:
         """``input=`` builds a request with a fresh id."""
-        seen: list[object] = []
-
-        @pk.stage
-        async def read(ctx: pk.StageContext) -> None:
-            seen.append(ctx.input["k"])
-
+        read = MockStage("read")
         with anyio.fail_after(5):
             async with pk.Engine() as engine:
                 first = await engine.submit(pk.Pipeline("p").add_stage(read), input={"k": "v"})
                 second = await engine.submit(pk.Pipeline("p").add_stage(read), input={"k": "w"})
                 await first.wait()
                 await second.wait()
-        assert seen == ["v", "w"]
+        assert [call.input for call in read.calls] == [{"k": "v"}, {"k": "w"}]
+        assert [call.request_id for call in read.calls] == [first.id, second.id]
         assert first.id != second.id
 
     async def test_status_goes_pending_running_final(self) -> None:
@@ -144,7 +109,7 @@ class TestSubmit:
             async with pk.Engine(max_concurrent=1) as engine:
                 first = await engine.submit(pk.Pipeline("blocker").add_stage(gated("block", gate)))
                 await gate.started.wait()
-                second = await engine.submit(pk.Pipeline("next").add_stage(recording("after", [])))
+                second = await engine.submit(pk.Pipeline("next").add_stage(MockStage("after")))
                 await anyio.wait_all_tasks_blocked()
                 assert status_of(first) is pk.Status.RUNNING
                 assert status_of(second) is pk.Status.PENDING
@@ -159,7 +124,7 @@ class TestSubmit:
         """``execute`` returns the finished response, also reachable through ``get``."""
         with anyio.fail_after(5):
             async with pk.Engine() as engine:
-                response = await engine.execute(pk.Pipeline("p").add_stage(recording("a", [])), input={})
+                response = await engine.execute(pk.Pipeline("p").add_stage(MockStage("a", output="a")), input={})
                 assert response.status is pk.Status.SUCCEEDED
                 assert response.outputs == {"a": "a"}
                 assert engine.get(response.id).response is response
@@ -168,14 +133,14 @@ class TestSubmit:
         """A stage failure is described by the response, not raised by ``execute``."""
         with anyio.fail_after(5):
             async with pk.Engine() as engine:
-                response = await engine.execute(pk.Pipeline("p").add_stage(failing("boom")))
-        assert response.status is pk.Status.FAILED
+                response = await engine.execute(pk.Pipeline("p").add_stage(MockStage("boom", error=RuntimeError)))
+        assert_status(response, pk.Status.FAILED)
         assert isinstance(response.error, pk.StageFailedError)
         assert response.error.stage == "boom"
 
     async def test_broken_definition_raises_at_submit(self) -> None:
         """An unknown dependency raises PipelineDefinitionError at submit, naming it; nothing is queued."""
-        broken = pk.Pipeline("broken").add_stage(recording("a", []), depends_on=("missing",))
+        broken = pk.Pipeline("broken").add_stage(MockStage("a"), depends_on=("missing",))
         with anyio.fail_after(5):
             async with pk.Engine() as engine:
                 with pytest.raises(pk.PipelineDefinitionError, match="missing"):
@@ -184,7 +149,7 @@ class TestSubmit:
 
     async def test_duplicate_request_id_is_rejected(self) -> None:
         """Submitting a request id the engine already knows raises RuntimeError naming it."""
-        pipeline = pk.Pipeline("p").add_stage(recording("a", []))
+        pipeline = pk.Pipeline("p").add_stage(MockStage("a"))
         with anyio.fail_after(5):
             async with pk.Engine() as engine:
                 await engine.execute(pipeline, pk.PipelineRequest(id="same"))
@@ -196,7 +161,7 @@ class TestSubmit:
         with anyio.fail_after(5):
             async with pk.Engine() as engine:
                 with pytest.raises(TypeError):
-                    await engine.submit(pk.Pipeline("p").add_stage(recording("a", [])), pk.PipelineRequest(), input={})
+                    await engine.submit(pk.Pipeline("p").add_stage(MockStage("a")), pk.PipelineRequest(), input={})
 
 
 class TestConcurrency:
@@ -240,7 +205,8 @@ class TestConcurrency:
     async def test_submit_waits_while_mailbox_is_full(self) -> None:
         """With one slot busy and the mailbox full, submit blocks until the first run is released."""
         gate = Gate()
-        quick = pk.Pipeline("quick").add_stage(recording("q", []))
+        q = MockStage("q")
+        quick = pk.Pipeline("quick").add_stage(q)
         returned: list[pk.ExecutionHandle] = []
         attempted = 5
 
@@ -269,6 +235,7 @@ class TestConcurrency:
                 responses = [await h.wait() for h in returned]
         assert first.status is pk.Status.SUCCEEDED
         assert all(r.status is pk.Status.SUCCEEDED for r in responses)
+        assert [call.request_id for call in q.calls] == [h.id for h in returned]
 
     async def test_zero_mailbox_hands_over_directly(self) -> None:
         """With mailbox_size=0 a submit waits until the actor takes the execution."""
@@ -281,7 +248,7 @@ class TestConcurrency:
 
                 async def submit_two() -> None:
                     for _ in range(2):
-                        returned.append(await engine.submit(pk.Pipeline("quick").add_stage(recording("q", []))))
+                        returned.append(await engine.submit(pk.Pipeline("quick").add_stage(MockStage("q"))))
 
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(submit_two)
@@ -297,15 +264,12 @@ class TestCancel:
 
     async def test_cancel_running_execution(self) -> None:
         """The in-flight stage stops, completed stages are rolled back, the run is CANCELLED."""
-        undone: list[str] = []
+        reserve = MockStage("reserve")
+        ship = MockStage("ship")
         interrupted: list[str] = []
-        shipped: list[str] = []
         started = anyio.Event()
         pipeline = (
-            pk.Pipeline("order")
-            .add_stage(undoable("reserve", undone))
-            .add_stage(hanging("charge", started, interrupted))
-            .add_stage(recording("ship", shipped))
+            pk.Pipeline("order").add_stage(reserve).add_stage(hanging("charge", started, interrupted)).add_stage(ship)
         )
         with anyio.fail_after(5):
             async with pk.Engine() as engine:
@@ -313,8 +277,11 @@ class TestCancel:
                 await started.wait()
                 response = await handle.cancel()
         assert interrupted == ["charge"]
-        assert undone == ["reserve"]
-        assert shipped == []
+        assert reserve.call_count == 1
+        assert len(reserve.rollbacks) == 1
+        assert ship.calls == []
+        assert ship.rollbacks == []
+        assert_rolled_back(response, ["reserve"])
         assert response.status is pk.Status.CANCELLED
         assert handle.status is pk.Status.CANCELLED
         assert isinstance(response.error, pk.PipelineCancelledError)
@@ -327,8 +294,8 @@ class TestCancel:
     async def test_cancel_queued_execution_runs_no_stage(self) -> None:
         """Cancelling a queued execution settles it CANCELLED without starting any of its stages."""
         gate = Gate()
-        ran: list[str] = []
-        queued_pipeline = pk.Pipeline("queued").add_stage(recording("a", ran)).add_stage(recording("b", ran))
+        a, b = MockStage("a"), MockStage("b")
+        queued_pipeline = pk.Pipeline("queued").add_stage(a).add_stage(b)
         with anyio.fail_after(5):
             async with pk.Engine(max_concurrent=1) as engine:
                 first = await engine.submit(pk.Pipeline("blocker").add_stage(gated("block", gate)))
@@ -341,7 +308,7 @@ class TestCancel:
                 gate.release.set()
         assert status_before is pk.Status.PENDING
         assert first_status is pk.Status.RUNNING
-        assert ran == []
+        assert a.calls == b.calls == []
         assert response.status is pk.Status.CANCELLED
         assert status_after is pk.Status.CANCELLED
         assert isinstance(response.error, pk.PipelineCancelledError)
@@ -352,30 +319,27 @@ class TestCancel:
     async def test_cancelled_queued_execution_is_not_run_later(self) -> None:
         """Once cancelled while queued, the actor skips the execution when its turn comes."""
         gate = Gate()
-        ran: list[str] = []
-
-        @pk.stage
-        async def late(ctx: pk.StageContext) -> None:
-            await anyio.lowlevel.checkpoint()
-            ran.append("late")
+        late = MockStage("late")
+        after_stage = MockStage("after")
 
         with anyio.fail_after(5):
             async with pk.Engine(max_concurrent=1) as engine:
                 await engine.submit(pk.Pipeline("blocker").add_stage(gated("block", gate)))
                 await gate.started.wait()
                 queued = await engine.submit(pk.Pipeline("queued").add_stage(late))
-                after = await engine.submit(pk.Pipeline("after").add_stage(recording("after", ran)))
+                after = await engine.submit(pk.Pipeline("after").add_stage(after_stage))
                 await queued.cancel()
                 gate.release.set()
                 await after.wait()
-        assert ran == ["after"]
+        assert late.calls == []
+        assert [call.request_id for call in after_stage.calls] == [after.id]
         assert queued.status is pk.Status.CANCELLED
 
     async def test_cancel_finished_execution_changes_nothing(self) -> None:
         """Cancelling a finished execution returns its response unchanged."""
         with anyio.fail_after(5):
             async with pk.Engine() as engine:
-                handle = await engine.submit(pk.Pipeline("p").add_stage(recording("a", [])))
+                handle = await engine.submit(pk.Pipeline("p").add_stage(MockStage("a")))
                 response = await handle.wait()
                 assert await handle.cancel() is response
         assert handle.status is pk.Status.SUCCEEDED
@@ -388,7 +352,7 @@ class TestLookup:
         """``get`` finds a submitted execution by id."""
         with anyio.fail_after(5):
             async with pk.Engine() as engine:
-                handle = await engine.submit(pk.Pipeline("p").add_stage(recording("a", [])))
+                handle = await engine.submit(pk.Pipeline("p").add_stage(MockStage("a")))
                 assert engine.get(handle.id) is handle
                 await handle.wait()
                 assert engine.get(handle.id) is handle
@@ -402,7 +366,7 @@ class TestLookup:
 
     async def test_history_size_forgets_old_executions(self) -> None:
         """Beyond ``history_size`` finished executions, the oldest are forgotten."""
-        pipeline = pk.Pipeline("p").add_stage(recording("a", []))
+        pipeline = pk.Pipeline("p").add_stage(MockStage("a"))
         with anyio.fail_after(5):
             async with pk.Engine(history_size=2) as engine:
                 ids = [(await engine.execute(pipeline)).id for _ in range(3)]
@@ -415,13 +379,13 @@ class TestLookup:
         gate = Gate()
         with anyio.fail_after(5):
             async with pk.Engine(max_concurrent=1) as engine:
-                ok = await engine.submit(pk.Pipeline("ok").add_stage(recording("a", [])))
+                ok = await engine.submit(pk.Pipeline("ok").add_stage(MockStage("a")))
                 await ok.wait()
-                bad = await engine.submit(pk.Pipeline("bad").add_stage(failing("b")))
+                bad = await engine.submit(pk.Pipeline("bad").add_stage(MockStage("b", error=RuntimeError)))
                 await bad.wait()
                 running = await engine.submit(pk.Pipeline("running").add_stage(gated("g", gate)))
                 await gate.started.wait()
-                pending = await engine.submit(pk.Pipeline("pending").add_stage(recording("c", [])))
+                pending = await engine.submit(pk.Pipeline("pending").add_stage(MockStage("c")))
                 assert engine.list() == [ok, bad, running, pending]
                 assert engine.list(status=pk.Status.SUCCEEDED) == [ok]
                 assert engine.list(status=pk.Status.FAILED) == [bad]
@@ -437,19 +401,17 @@ class TestMetrics:
 
     async def test_counts_and_percentiles_after_mixed_runs(self) -> None:
         """Three successes and two failures give the right counts, rate and ordered percentiles."""
-
-        @pk.stage
-        async def maybe(ctx: pk.StageContext) -> None:
-            if ctx.input["fail"]:
-                raise RuntimeError("asked to fail")
-
-        pipeline = pk.Pipeline("mixed").add_stage(maybe)
+        succeeds = MockStage("maybe")
+        fails = MockStage("maybe", error=RuntimeError("asked to fail"))
+        # Two definitions of one pipeline (same name): engine metrics are kept by pipeline name.
+        good, bad = pk.Pipeline("mixed").add_stage(succeeds), pk.Pipeline("mixed").add_stage(fails)
         with anyio.fail_after(5):
             async with pk.Engine() as engine:
-                for fail in (False, True, False, True, False):
-                    await engine.execute(pipeline, input={"fail": fail})
-                await engine.execute(pk.Pipeline("other").add_stage(recording("x", [])))
+                for pipeline in (good, bad, good, bad, good):
+                    await engine.execute(pipeline)
+                await engine.execute(pk.Pipeline("other").add_stage(MockStage("x")))
                 metrics = engine.metrics("mixed")
+        assert (succeeds.call_count, fails.call_count) == (3, 2)
         assert metrics.pipeline == "mixed"
         assert metrics.total_executions == 5
         assert metrics.succeeded == 3
@@ -488,7 +450,7 @@ class TestMetrics:
         """The metrics value cannot be changed."""
         with anyio.fail_after(5):
             async with pk.Engine() as engine:
-                await engine.execute(pk.Pipeline("p").add_stage(recording("a", [])))
+                await engine.execute(pk.Pipeline("p").add_stage(MockStage("a")))
                 metrics = engine.metrics("p")
         with pytest.raises(attrs.exceptions.FrozenInstanceError):
             metrics.succeeded = 7  # type: ignore[misc]
@@ -524,12 +486,10 @@ class TestLifecycle:
 
     async def test_owner_cancellation_cancels_running_with_rollback(self) -> None:
         """Cancelling the owner's scope cancels the running execution; its rollback still runs."""
-        undone: list[str] = []
+        reserve = MockStage("reserve")
         interrupted: list[str] = []
         started = anyio.Event()
-        pipeline = (
-            pk.Pipeline("p").add_stage(undoable("reserve", undone)).add_stage(hanging("wait", started, interrupted))
-        )
+        pipeline = pk.Pipeline("p").add_stage(reserve).add_stage(hanging("wait", started, interrupted))
         with anyio.fail_after(5):
             with anyio.CancelScope() as scope:
                 async with pk.Engine() as engine:
@@ -539,7 +499,7 @@ class TestLifecycle:
                     await anyio.sleep_forever()
         assert scope.cancelled_caught
         assert interrupted == ["wait"]
-        assert undone == ["reserve"]
+        assert len(reserve.rollbacks) == 1
         assert handle.done()
         assert handle.status is pk.Status.CANCELLED
         response = handle.response
@@ -549,36 +509,33 @@ class TestLifecycle:
 
     async def test_owner_cancellation_settles_queued_executions(self) -> None:
         """Queued executions do not outlive a cancelled engine: they end CANCELLED and never run."""
-        ran: list[str] = []
+        q = MockStage("q")
         started = anyio.Event()
         with anyio.fail_after(5):
             with anyio.CancelScope() as scope:
                 async with pk.Engine(max_concurrent=1) as engine:
                     await engine.submit(pk.Pipeline("blocker").add_stage(hanging("h", started, [])))
                     await started.wait()
-                    queued = await engine.submit(pk.Pipeline("queued").add_stage(recording("q", ran)))
+                    queued = await engine.submit(pk.Pipeline("queued").add_stage(q))
                     scope.cancel()
                     await anyio.sleep_forever()
-        assert ran == []
+        assert q.calls == []
         assert queued.done()
         assert queued.status is pk.Status.CANCELLED
 
     async def test_owner_cancellation_settles_every_queued_execution(self) -> None:
         """Every execution still in the mailbox when the owner gives up ends CANCELLED without running."""
-        ran: list[str] = []
+        stages = [MockStage(f"q{i}") for i in range(4)]
         started = anyio.Event()
         with anyio.fail_after(5):
             with anyio.CancelScope() as scope:
                 async with pk.Engine(max_concurrent=1, mailbox_size=5) as engine:
                     await engine.submit(pk.Pipeline("blocker").add_stage(hanging("h", started, [])))
                     await started.wait()
-                    queued = [
-                        await engine.submit(pk.Pipeline(f"queued{i}").add_stage(recording(f"q{i}", ran)))
-                        for i in range(4)
-                    ]
+                    queued = [await engine.submit(pk.Pipeline(f"queued-{s.name}").add_stage(s)) for s in stages]
                     scope.cancel()
                     await anyio.sleep_forever()
-        assert ran == []
+        assert [stage.calls for stage in stages] == [[]] * 4
         assert [h.status for h in queued] == [pk.Status.CANCELLED] * 4
         assert all(h.done() for h in queued)
 
@@ -586,7 +543,7 @@ class TestLifecycle:
         """An engine that was never entered refuses submissions with a clear RuntimeError."""
         engine = pk.Engine()
         with pytest.raises(RuntimeError, match="not running"):
-            await engine.submit(pk.Pipeline("p").add_stage(recording("a", [])))
+            await engine.submit(pk.Pipeline("p").add_stage(MockStage("a")))
 
     async def test_submit_after_closing_is_runtime_error(self) -> None:
         """A closed engine refuses submissions with a clear RuntimeError."""
@@ -594,7 +551,7 @@ class TestLifecycle:
             async with pk.Engine() as engine:
                 pass
         with pytest.raises(RuntimeError, match="not running"):
-            await engine.submit(pk.Pipeline("p").add_stage(recording("a", [])))
+            await engine.submit(pk.Pipeline("p").add_stage(MockStage("a")))
 
     async def test_engine_cannot_be_entered_twice(self) -> None:
         """Re-entering an engine raises RuntimeError."""
@@ -619,17 +576,17 @@ class TestCancellationWindows:
                 in_hook.set()
                 await anyio.sleep_forever()
 
-        ran: list[str] = []
+        s = MockStage("s")
         with anyio.fail_after(5):
             with anyio.CancelScope() as scope:
                 async with pk.Engine(hooks=[slow_hook]) as engine:
-                    handle = await engine.submit(pk.Pipeline("p").add_stage(recording("s", ran)))
+                    handle = await engine.submit(pk.Pipeline("p").add_stage(s))
                     await in_hook.wait()
                     scope.cancel()
             response = await handle.wait()
         assert response.status is pk.Status.CANCELLED
         assert response.stages["s"].status is pk.Status.SKIPPED
-        assert ran == []
+        assert s.calls == []
 
     async def test_cancel_reaches_a_run_waiting_for_an_atomic_lock(self) -> None:
         """handle.cancel() of a run queued behind another run of the same atomic pipeline returns at once."""
@@ -670,11 +627,11 @@ class TestSubmitMistakes:
     async def test_submitting_a_stage(self) -> None:
         """A stage instead of a pipeline says how to wrap it."""
         async with pk.Engine() as engine:
-            with pytest.raises(TypeError, match=r"takes a pipekit.Pipeline, got FunctionStage; wrap a single stage"):
-                await engine.submit(recording("a", []))  # type: ignore[arg-type]
+            with pytest.raises(TypeError, match=r"takes a pipekit.Pipeline, got MockStage; wrap a single stage"):
+                await engine.submit(MockStage("a"))  # type: ignore[arg-type]
 
     async def test_submitting_a_dict_as_request(self) -> None:
         """A mapping instead of a request points at input=."""
         async with pk.Engine() as engine:
             with pytest.raises(TypeError, match=r"got dict; pass a plain mapping as input="):
-                await engine.submit(pk.Pipeline("p").add_stage(recording("a", [])), {"x": 1})  # type: ignore[arg-type]
+                await engine.submit(pk.Pipeline("p").add_stage(MockStage("a")), {"x": 1})  # type: ignore[arg-type]

@@ -5,12 +5,14 @@ from __future__ import annotations
 import time
 
 import anyio
-import anyio.lowlevel
 import attrs
 import pytest
-from structlog.testing import capture_logs
 
 import pipekit as pk
+from pipekit.testing import FakeClock, MockStage, MockStageError, capture_logs
+
+#: The fake clock on the backends conftest.py runs every test on (asyncio in debug mode, trio).
+on_fake_clock = pytest.mark.pipekit_clock(backends=[("asyncio", {"debug": True}), "trio"])
 
 
 class Gate:
@@ -28,37 +30,6 @@ def gated(name: str, gate: Gate) -> pk.FunctionStage:
         gate.started.set()
         await gate.release.wait()
         return name
-
-    return pk.stage(name=name)(run)
-
-
-def returning(name: str) -> pk.FunctionStage:
-    """A stage that returns its name."""
-
-    async def run(ctx: pk.StageContext) -> str:
-        return name
-
-    return pk.stage(name=name)(run)
-
-
-def undoable(name: str, undo_error: Exception | None = None) -> pk.FunctionStage:
-    """A stage that succeeds and has a rollback, which raises ``undo_error`` if given."""
-
-    async def run(ctx: pk.StageContext) -> str:
-        return name
-
-    async def undo(ctx: pk.StageContext) -> None:
-        if undo_error is not None:
-            raise undo_error
-
-    return pk.stage(name=name, rollback=undo)(run)
-
-
-def raising(name: str, error: Exception) -> pk.FunctionStage:
-    """A stage that raises ``error``."""
-
-    async def run(ctx: pk.StageContext) -> None:
-        raise error
 
     return pk.stage(name=name)(run)
 
@@ -85,7 +56,7 @@ class TestRunEvents:
     async def test_successful_run_sequence_and_fields(self) -> None:
         """A two-stage run emits start, per-stage started/succeeded, finish, all tagged with the run."""
         before = time.time()
-        response, events = await run_in_engine(pk.Pipeline("p").add_stage(returning("a")).add_stage(returning("b")))
+        response, events = await run_in_engine(pk.Pipeline("p").add_stage(MockStage("a")).add_stage(MockStage("b")))
         after = time.time()
         assert kinds(events) == [
             ("PipelineStarted", None),
@@ -111,29 +82,18 @@ class TestRunEvents:
         with anyio.fail_after(5):
             async with pk.Engine() as engine:
                 handle = await engine.submit(
-                    pk.Pipeline("p").add_stage(returning("a")), pk.PipelineRequest(type="deploy")
+                    pk.Pipeline("p").add_stage(MockStage("a")), pk.PipelineRequest(type="deploy")
                 )
                 await handle.wait()
             first = await anext(handle.events())
         assert isinstance(first, pk.PipelineStarted)
         assert first.request_type == "deploy"
 
-    async def test_retry_emits_stage_retrying(self) -> None:
+    @on_fake_clock
+    async def test_retry_emits_stage_retrying(self, pipekit_clock: FakeClock) -> None:
         """A failed attempt that will be retried emits StageRetrying with the attempt, error and delay."""
-        slept: list[float] = []
-        failures = [ConnectionError("flaky")]
-
-        async def fake_sleep(seconds: float) -> None:
-            slept.append(seconds)
-            await anyio.lowlevel.checkpoint()
-
-        @pk.stage
-        async def flaky(ctx: pk.StageContext) -> str:
-            if failures:
-                raise failures.pop()
-            return "ok"
-
-        policy = pk.RetryPolicy(max_attempts=3, initial_delay=1.0, jitter=0.0, sleep=fake_sleep)
+        flaky = MockStage("flaky", output="ok", fail_times=1)
+        policy = pk.RetryPolicy(max_attempts=3, initial_delay=1.0, jitter=0.0)
         response, events = await run_in_engine(pk.Pipeline("p").add_stage(flaky, retry=policy))
         assert response.status is pk.Status.SUCCEEDED, repr(response.stages["flaky"].error)
         assert kinds(events) == [
@@ -146,39 +106,36 @@ class TestRunEvents:
         retrying = events[2]
         assert isinstance(retrying, pk.StageRetrying)
         assert retrying.attempt == 1
-        assert isinstance(retrying.error, ConnectionError)
+        assert isinstance(retrying.error, MockStageError)
+        assert str(retrying.error) == "flaky failed as planned (call 1 of 1)"
         assert retrying.delay == pytest.approx(1.0)
-        assert slept == pytest.approx([1.0])
+        # The run really waited the delay, on the fake clock, between the attempts.
+        assert [call.time for call in flaky.calls] == pytest.approx([0.0, 1.0])
+        assert pipekit_clock.elapsed() == pytest.approx(1.0)
         assert events[3].attempt == 2
 
-    async def test_retrying_delay_follows_the_policy(self) -> None:
+    @on_fake_clock
+    async def test_retrying_delay_follows_the_policy(self, pipekit_clock: FakeClock) -> None:
         """StageRetrying.delay grows from the policy's initial_delay by its multiplier."""
-        slept: list[float] = []
-        failures = [ConnectionError("first"), ConnectionError("second")]
-
-        async def fake_sleep(seconds: float) -> None:
-            slept.append(seconds)
-            await anyio.lowlevel.checkpoint()
-
-        @pk.stage
-        async def flaky(ctx: pk.StageContext) -> str:
-            if failures:
-                raise failures.pop(0)
-            return "ok"
-
-        policy = pk.RetryPolicy(max_attempts=3, initial_delay=0.5, multiplier=3.0, jitter=0.0, sleep=fake_sleep)
+        flaky = MockStage("flaky", output="ok", fail_times=2)
+        policy = pk.RetryPolicy(max_attempts=3, initial_delay=0.5, multiplier=3.0, jitter=0.0)
         response, events = await run_in_engine(pk.Pipeline("p").add_stage(flaky, retry=policy))
         assert response.status is pk.Status.SUCCEEDED, repr(response.stages["flaky"].error)
         retrying = [e for e in events if isinstance(e, pk.StageRetrying)]
         assert [e.attempt for e in retrying] == [1, 2]
         assert [e.delay for e in retrying] == pytest.approx([0.5, 1.5])
-        assert [str(e.error) for e in retrying] == ["first", "second"]
-        assert slept == pytest.approx([0.5, 1.5])
+        assert [str(e.error) for e in retrying] == [
+            "flaky failed as planned (call 1 of 2)",
+            "flaky failed as planned (call 2 of 2)",
+        ]
+        # Attempts 2 and 3 started after exactly those delays (virtual time).
+        assert [call.time for call in flaky.calls] == pytest.approx([0.0, 0.5, 2.0])
+        assert pipekit_clock.elapsed() == pytest.approx(2.0)
 
     async def test_failure_with_rollback_sequence(self) -> None:
         """A failing stage emits StageFailed, then rollback events, then a FAILED PipelineFinished."""
         error = RuntimeError("card declined")
-        pipeline = pk.Pipeline("order").add_stage(undoable("reserve")).add_stage(raising("charge", error))
+        pipeline = pk.Pipeline("order").add_stage(MockStage("reserve")).add_stage(MockStage("charge", error=error))
         response, events = await run_in_engine(pipeline)
         assert kinds(events) == [
             ("PipelineStarted", None),
@@ -213,7 +170,9 @@ class TestRunEvents:
         """A rollback that raises emits StageRollbackFailed with its error, counted in RollbackFinished."""
         undo_error = OSError("cannot release")
         pipeline = (
-            pk.Pipeline("p").add_stage(undoable("reserve", undo_error)).add_stage(raising("charge", ValueError()))
+            pk.Pipeline("p")
+            .add_stage(MockStage("reserve", rollback_error=undo_error))
+            .add_stage(MockStage("charge", error=ValueError()))
         )
         _, events = await run_in_engine(pipeline)
         rollback_failed = [e for e in events if isinstance(e, pk.StageRollbackFailed)]
@@ -228,9 +187,9 @@ class TestRunEvents:
         """A false condition emits StageSkipped with a reason; later stages still run."""
         pipeline = (
             pk.Pipeline("p")
-            .add_stage(returning("a"))
-            .add_conditional_stage(returning("b"), when=lambda ctx: False)
-            .add_stage(returning("c"))
+            .add_stage(MockStage("a"))
+            .add_conditional_stage(MockStage("b"), when=lambda ctx: False)
+            .add_stage(MockStage("c"))
         )
         _, events = await run_in_engine(pipeline)
         assert kinds(events) == [
@@ -270,7 +229,7 @@ class TestRunEvents:
     async def test_handle_cancel_emits_cancelled_events(self) -> None:
         """Cancelling a running execution emits StageCancelled, rollback events and a CANCELLED finish."""
         gate = Gate()
-        pipeline = pk.Pipeline("p").add_stage(undoable("a")).add_stage(gated("b", gate))
+        pipeline = pk.Pipeline("p").add_stage(MockStage("a")).add_stage(gated("b", gate))
         with anyio.fail_after(5):
             async with pk.Engine() as engine:
                 handle = await engine.submit(pipeline)
@@ -291,8 +250,8 @@ class TestRunEvents:
 
     async def test_nested_pipeline_events_name_the_inner_pipeline(self) -> None:
         """Events of a nested pipeline's stages carry the inner pipeline's name."""
-        inner = pk.Pipeline("inner").add_stage(returning("x"))
-        outer = pk.Pipeline("outer").add_stage(returning("a")).add_stage(inner)
+        inner = pk.Pipeline("inner").add_stage(MockStage("x"))
+        outer = pk.Pipeline("outer").add_stage(MockStage("a")).add_stage(inner)
         response, events = await run_in_engine(outer)
         assert response.status is pk.Status.SUCCEEDED
         by_stage = {(type(e).__name__, e.stage): e.pipeline for e in events}
@@ -308,7 +267,7 @@ class TestEventsAreFrozen:
 
     async def test_assignment_raises(self) -> None:
         """Assigning to any field of any emitted event raises FrozenInstanceError."""
-        pipeline = pk.Pipeline("p").add_stage(undoable("a")).add_stage(raising("b", RuntimeError()))
+        pipeline = pk.Pipeline("p").add_stage(MockStage("a")).add_stage(MockStage("b", error=RuntimeError()))
         _, events = await run_in_engine(pipeline)
         assert len({type(e) for e in events}) >= 6
         for event in events:
@@ -326,7 +285,7 @@ class TestHandleEvents:
         """Called after the run finished, it yields every event from PipelineStarted and then ends."""
         with anyio.fail_after(5):
             async with pk.Engine() as engine:
-                handle = await engine.submit(pk.Pipeline("p").add_stage(returning("a")))
+                handle = await engine.submit(pk.Pipeline("p").add_stage(MockStage("a")))
                 await handle.wait()
                 events = [e async for e in handle.events()]
         assert kinds(events) == [
@@ -339,7 +298,7 @@ class TestHandleEvents:
     async def test_called_mid_run_yields_earlier_events_then_live_ones(self) -> None:
         """Called while a stage runs, it first yields the events so far, then follows until PipelineFinished."""
         gate = Gate()
-        pipeline = pk.Pipeline("p").add_stage(returning("a")).add_stage(gated("b", gate)).add_stage(returning("c"))
+        pipeline = pk.Pipeline("p").add_stage(MockStage("a")).add_stage(gated("b", gate)).add_stage(MockStage("c"))
         with anyio.fail_after(5):
             async with pk.Engine() as engine:
                 handle = await engine.submit(pipeline)
@@ -370,7 +329,7 @@ class TestHandleEvents:
             async with pk.Engine(max_concurrent=1) as engine:
                 await engine.submit(pk.Pipeline("blocker").add_stage(gated("g", gate)))
                 await gate.started.wait()
-                queued = await engine.submit(pk.Pipeline("p").add_stage(returning("a")))
+                queued = await engine.submit(pk.Pipeline("p").add_stage(MockStage("a")))
                 stream = queued.events()
                 gate.release.set()
                 events = [e async for e in stream]
@@ -386,7 +345,7 @@ class TestHandleEvents:
         """Two readers of one handle each get the complete sequence."""
         with anyio.fail_after(5):
             async with pk.Engine() as engine:
-                handle = await engine.submit(pk.Pipeline("p").add_stage(returning("a")).add_stage(returning("b")))
+                handle = await engine.submit(pk.Pipeline("p").add_stage(MockStage("a")).add_stage(MockStage("b")))
                 first = handle.events()
                 one = await anext(first)
                 await handle.wait()
@@ -413,7 +372,7 @@ class TestEngineEvents:
 
                 tg.start_soon(collect)
                 one = await engine.submit(pk.Pipeline("one").add_stage(gated("g", gate)))
-                two = await engine.submit(pk.Pipeline("two").add_stage(returning("a")))
+                two = await engine.submit(pk.Pipeline("two").add_stage(MockStage("a")))
                 await gate.started.wait()
                 await two.wait()
                 gate.release.set()
@@ -432,7 +391,7 @@ class TestEngineEvents:
         collected: list[pk.Event] = []
         with anyio.fail_after(5):
             async with anyio.create_task_group() as tg, pk.Engine() as engine:
-                await engine.execute(pk.Pipeline("before").add_stage(returning("a")))
+                await engine.execute(pk.Pipeline("before").add_stage(MockStage("a")))
                 stream = engine.events()
 
                 async def collect() -> None:
@@ -440,7 +399,7 @@ class TestEngineEvents:
                         collected.append(event)
 
                 tg.start_soon(collect)
-                after = await engine.execute(pk.Pipeline("after").add_stage(returning("a")))
+                after = await engine.execute(pk.Pipeline("after").add_stage(MockStage("a")))
         assert {e.request_id for e in collected} == {after.id}
         assert kinds(collected)[0] == ("PipelineStarted", None)
         assert kinds(collected)[-1] == ("PipelineFinished", None)
@@ -468,7 +427,7 @@ class TestBoundedHistory:
 
     async def test_handle_history_overflow_is_reported(self) -> None:
         """With execution_history=3, a late reader gets the last 3 events and ``dropped`` counts the rest."""
-        pipeline = pk.Pipeline("p").add_stage(returning("a")).add_stage(returning("b")).add_stage(returning("c"))
+        pipeline = pk.Pipeline("p").add_stage(MockStage("a")).add_stage(MockStage("b")).add_stage(MockStage("c"))
         with anyio.fail_after(5):
             async with pk.Engine(execution_history=3) as engine:
                 handle = await engine.submit(pipeline)
@@ -488,7 +447,7 @@ class TestBoundedHistory:
         with anyio.fail_after(5):
             async with pk.Engine(event_buffer=2) as engine:
                 stream = engine.events()
-                await engine.execute(pk.Pipeline("p").add_stage(returning("a")).add_stage(returning("b")))
+                await engine.execute(pk.Pipeline("p").add_stage(MockStage("a")).add_stage(MockStage("b")))
             with capture_logs() as logs:
                 events = [e async for e in stream]
         assert kinds(events) == [("StageSucceeded", "b"), ("PipelineFinished", None)]
@@ -499,7 +458,7 @@ class TestBoundedHistory:
         """A reader that keeps within the history loses nothing."""
         with anyio.fail_after(5):
             async with pk.Engine(execution_history=6) as engine:
-                handle = await engine.submit(pk.Pipeline("p").add_stage(returning("a")).add_stage(returning("b")))
+                handle = await engine.submit(pk.Pipeline("p").add_stage(MockStage("a")).add_stage(MockStage("b")))
                 await handle.wait()
             stream = handle.events()
             events = [e async for e in stream]

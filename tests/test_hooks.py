@@ -6,9 +6,12 @@ import anyio
 import anyio.lowlevel
 import pytest
 import structlog
-from structlog.testing import capture_logs
 
 import pipekit as pk
+from pipekit.testing import FakeClock, MockStage, capture_logs
+
+#: The fake clock on the backends conftest.py runs every test on (asyncio in debug mode, trio).
+on_fake_clock = pytest.mark.pipekit_clock(backends=[("asyncio", {"debug": True}), "trio"])
 
 
 class Recorder:
@@ -22,38 +25,6 @@ class Recorder:
         self.events.append(event)
         if isinstance(event, self.fail_on):
             raise RuntimeError(f"hook broke on {event.kind}")
-
-
-def returning(name: str, log: list[str] | None = None) -> pk.FunctionStage:
-    """A stage that returns its name, appending it to ``log`` if given."""
-
-    async def run(ctx: pk.StageContext) -> str:
-        if log is not None:
-            log.append(f"run {name}")
-        return name
-
-    return pk.stage(name=name)(run)
-
-
-def undoable(name: str, undone: list[str]) -> pk.FunctionStage:
-    """A stage that succeeds and appends its name to ``undone`` when rolled back."""
-
-    async def run(ctx: pk.StageContext) -> str:
-        return name
-
-    async def undo(ctx: pk.StageContext) -> None:
-        undone.append(name)
-
-    return pk.stage(name=name, rollback=undo)(run)
-
-
-def failing(name: str) -> pk.FunctionStage:
-    """A stage that always raises RuntimeError."""
-
-    async def run(ctx: pk.StageContext) -> None:
-        raise RuntimeError(f"{name} broke")
-
-    return pk.stage(name=name)(run)
 
 
 def kinds(events: list[pk.Event]) -> list[tuple[str, str | None]]:
@@ -72,8 +43,8 @@ SUCCESS_SEQUENCE = [
 
 
 def two_stages() -> pk.Pipeline:
-    """A pipeline of two stages, a then b."""
-    return pk.Pipeline("p").add_stage(returning("a")).add_stage(returning("b"))
+    """A pipeline of two mock stages, a then b, each returning its name."""
+    return pk.Pipeline("p").add_stage(MockStage("a", output="a")).add_stage(MockStage("b", output="b"))
 
 
 class TestPipelineHooks:
@@ -102,8 +73,9 @@ class TestPipelineHooks:
     async def test_receives_failure_and_rollback_events(self) -> None:
         """A pipeline hook also gets StageFailed and the rollback events of a failing run."""
         hook = Recorder()
-        undone: list[str] = []
-        pipeline = pk.Pipeline("p").add_stage(undoable("a", undone)).add_stage(failing("b")).with_hooks(hook)
+        pipeline = (
+            pk.Pipeline("p").add_stage(MockStage("a")).add_stage(MockStage("b", error=RuntimeError)).with_hooks(hook)
+        )
         with anyio.fail_after(5):
             response = await pipeline.execute()
         assert response.status is pk.Status.FAILED
@@ -121,24 +93,24 @@ class TestPipelineHooks:
 
     async def test_is_awaited_in_step_with_the_run(self) -> None:
         """Each hook call finishes before the run goes on, so hooks and stage bodies interleave in order."""
-        log: list[str] = []
+        a, b = MockStage("a"), MockStage("b")
+        log: list[tuple[str, int, int]] = []
 
         async def hook(event: pk.Event) -> None:
             await anyio.lowlevel.checkpoint()
-            log.append(f"{event.kind} {event.stage or ''}".strip())
+            # How many times each stage body had run when the hook call ended.
+            log.append((f"{event.kind} {event.stage or ''}".strip(), a.call_count, b.call_count))
 
-        pipeline = pk.Pipeline("p").add_stage(returning("a", log)).add_stage(returning("b", log)).with_hooks(hook)
+        pipeline = pk.Pipeline("p").add_stage(a).add_stage(b).with_hooks(hook)
         with anyio.fail_after(5):
             await pipeline.execute()
         assert log == [
-            "pipeline_started",
-            "stage_started a",
-            "run a",
-            "stage_succeeded a",
-            "stage_started b",
-            "run b",
-            "stage_succeeded b",
-            "pipeline_finished",
+            ("pipeline_started", 0, 0),
+            ("stage_started a", 0, 0),
+            ("stage_succeeded a", 1, 0),
+            ("stage_started b", 1, 0),
+            ("stage_succeeded b", 1, 1),
+            ("pipeline_finished", 1, 1),
         ]
 
     async def test_several_hooks_each_get_every_event_in_order(self) -> None:
@@ -152,7 +124,7 @@ class TestPipelineHooks:
             return hook
 
         with anyio.fail_after(5):
-            await pk.Pipeline("p").add_stage(returning("a")).with_hooks(named("first"), named("second")).execute()
+            await pk.Pipeline("p").add_stage(MockStage("a")).with_hooks(named("first"), named("second")).execute()
         assert calls == [
             (label, kind)
             for kind in ("pipeline_started", "stage_started", "stage_succeeded", "pipeline_finished")
@@ -185,7 +157,7 @@ class TestEngineHooks:
         with anyio.fail_after(5):
             async with pk.Engine(hooks=[hook]) as engine:
                 first = await engine.submit(two_stages())
-                second = await engine.submit(pk.Pipeline("other").add_stage(failing("x")))
+                second = await engine.submit(pk.Pipeline("other").add_stage(MockStage("x", error=RuntimeError)))
                 await first.wait()
                 await second.wait()
             for handle in (first, second):
@@ -253,11 +225,12 @@ class TestFailingHooks:
     async def test_raising_hook_does_not_prevent_rollback(self) -> None:
         """In a failing run, a raising hook neither stops the rollback nor replaces the run's error."""
         hook = Recorder(fail_on=(pk.Event,))
-        undone: list[str] = []
-        pipeline = pk.Pipeline("p").add_stage(undoable("a", undone)).add_stage(failing("b"))
+        a = MockStage("a")
+        pipeline = pk.Pipeline("p").add_stage(a).add_stage(MockStage("b", error=RuntimeError))
         with anyio.fail_after(5), capture_logs():
             response = await pipeline.execute(hooks=[hook])
-        assert undone == ["a"]
+        assert len(a.rollbacks) == 1
+        assert response.stages["a"].rolled_back
         assert response.status is pk.Status.FAILED
         assert isinstance(response.error, pk.StageFailedError)
         assert response.error.stage == "b"
@@ -333,7 +306,8 @@ class TestFailingHooks:
 class TestHangingHooks:
     """A hook that never returns delays a run by one hook_timeout at most."""
 
-    async def test_hanging_hook_is_bounded_and_disabled(self) -> None:
+    @on_fake_clock
+    async def test_hanging_hook_is_bounded_and_disabled(self, pipekit_clock: FakeClock) -> None:
         """A hook that hangs on every event times out once, is counted, and is not called again."""
         calls: list[str] = []
 
@@ -341,14 +315,19 @@ class TestHangingHooks:
             calls.append(event.kind)
             await anyio.sleep_forever()
 
-        pipeline = pk.Pipeline("p").add_stage(returning("a")).add_stage(returning("b")).add_stage(returning("c"))
+        stages = [MockStage(name) for name in "abc"]
+        pipeline = pk.Pipeline("p").add_stage(stages[0]).add_stage(stages[1]).add_stage(stages[2])
         with anyio.fail_after(5):
             response = await pipeline.execute(hooks=[hangs], hook_timeout=0.05)
         assert response.ok
         assert calls == ["pipeline_started"]
         assert response.hook_failures == 1
+        # One hook timeout in all: the stages ran right after it.
+        assert pipekit_clock.elapsed() == pytest.approx(0.05)
+        assert [stage.calls[0].time for stage in stages] == pytest.approx([0.05] * 3)
 
-    async def test_hanging_hook_does_not_stretch_a_run_timeout(self) -> None:
+    @on_fake_clock
+    async def test_hanging_hook_does_not_stretch_a_run_timeout(self, pipekit_clock: FakeClock) -> None:
         """With a hook hanging from mid-run, a timed-out run with many stages still ends promptly."""
         started = anyio.Event()
 
@@ -360,21 +339,17 @@ class TestHangingHooks:
                 started.set()
                 await anyio.sleep_forever()
 
-        @pk.stage
-        async def slow(ctx: pk.StageContext) -> None:
-            await anyio.sleep_forever()
-
-        pipeline = pk.Pipeline("p").add_parallel_stages(*(pk.stage(name=f"s{i}")(slow.fn) for i in range(10)))
-        pipeline = pipeline.with_timeout(0.05)
-        before = anyio.current_time()
+        slow = [MockStage(f"s{i}", delay=3600) for i in range(10)]  # far beyond the run's deadline
+        pipeline = pk.Pipeline("p").add_parallel_stages(*slow).with_timeout(0.05)
         with anyio.fail_after(5):
             response = await pipeline.execute(hooks=[hangs_after_start], hook_timeout=0.1)
         assert response.status is pk.Status.TIMED_OUT
-        # One hook timeout (0.1 s) plus the run timeout, not one per event (~20 of them).
-        assert anyio.current_time() - before < 1.0
+        # At most the run timeout plus one hook timeout (0.1 s), not one per event (~20 of them).
+        assert pipekit_clock.elapsed() < 0.05 + 0.1 + 1e-9
         assert response.hook_failures == 1
 
-    async def test_engine_hook_timeout_is_configurable(self) -> None:
+    @on_fake_clock
+    async def test_engine_hook_timeout_is_configurable(self, pipekit_clock: FakeClock) -> None:
         """Engine(hook_timeout=...) bounds hook calls of its runs."""
 
         async def hangs(event: pk.Event) -> None:
@@ -382,10 +357,11 @@ class TestHangingHooks:
 
         with anyio.fail_after(5):
             async with pk.Engine(hooks=[hangs], hook_timeout=0.05) as engine:
-                response = await engine.execute(pk.Pipeline("p").add_stage(returning("a")))
+                response = await engine.execute(pk.Pipeline("p").add_stage(MockStage("a")))
         assert response.ok
         assert response.hook_failures == 1
         assert engine.metrics("p").hook_failures == 1
+        assert pipekit_clock.elapsed() == pytest.approx(0.05)
 
     def test_hook_timeout_must_be_positive(self) -> None:
         """A non-positive hook timeout is refused up front."""

@@ -24,6 +24,7 @@ from opentelemetry import metrics, trace
 
 import pipekit as pk
 from pipekit.telemetry import INSTRUMENTS, OtlpTelemetry, configure_otlp
+from pipekit.testing import MockStage, fake_clock_backend
 
 from .otlp_receiver import (
     GRPC_METRICS_METHOD,
@@ -68,6 +69,7 @@ RUN_METRICS = (
 STAGES = ("prepare", "fetch-a", "fetch-b", "flaky", "explode")
 ROLLED_BACK = ("prepare", "fetch-a", "flaky")  # fetch-b has no rollback; explode never completed
 FLAKY_FAILURES = 2
+FLAKY_ERROR_TYPE = "pipekit.testing.MockStageError"  # what a MockStage's planned failures raise
 RETRY_DELAYS = (0.25, 0.5)  # initial_delay=0.25, multiplier=2, no jitter
 
 EXPECTED_SPAN_NAMES = sorted(
@@ -84,64 +86,63 @@ EXPECTED_SPAN_NAMES = sorted(
 # -- running pipelines against a receiver --------------------------------------
 
 
-def run_on(backend: str, fn: Callable[[OtlpTelemetry], Awaitable[T]], telemetry: OtlpTelemetry) -> T:
-    """Run ``fn(telemetry)`` on ``backend`` (asyncio in debug mode)."""
-    return anyio.run(fn, telemetry, backend=backend, backend_options=dict(BACKEND_OPTIONS[backend]))
+def run_on(
+    backend: str, fn: Callable[[OtlpTelemetry], Awaitable[T]], telemetry: OtlpTelemetry, *, fake_clock: bool = False
+) -> T:
+    """Run ``fn(telemetry)`` on ``backend`` (asyncio in debug mode), on a fake clock if asked.
+
+    On the fake clock the run's sleeps (retry back-off) take no real time;
+    the exporters keep real time (span timestamps are wall-clock times).
+    """
+    options = dict(BACKEND_OPTIONS[backend])
+    name, options = fake_clock_backend((backend, options)) if fake_clock else (backend, options)
+    return anyio.run(fn, telemetry, backend=name, backend_options=options)
 
 
 @attrs.frozen(kw_only=True)
 class Outcome:
-    """What the pipeline itself reported."""
+    """What the pipeline itself reported, and what its mock stages saw."""
 
     status: pk.Status
     error: BaseException | None
-    delays: tuple[float, ...]
+    delays: tuple[float, ...]  # between the flaky stage's attempts, on the fake clock
     undone: frozenset[str]
 
 
 async def run_release(telemetry: OtlpTelemetry) -> Outcome:
-    """Parallel stages, a stage that succeeds on its third attempt, a failing stage, rollback."""
-    delays: list[float] = []
-    undone: set[str] = set()
-    flaky_calls = 0
-    arrived = {"fetch-a": anyio.Event(), "fetch-b": anyio.Event()}
+    """Parallel stages, a stage that succeeds on its third attempt, a failing stage, rollback.
+
+    Run it on the fake clock (``run_on(..., fake_clock=True)``): the retry back-off takes no real time.
+    """
+    prepare = MockStage("prepare", output="prepared")
+    fetches = {name: MockStage(name, output=name) for name in ("fetch-a", "fetch-b")}
+    flaky = MockStage("flaky", output="fetched", fail_times=FLAKY_FAILURES)
+    explode = MockStage("explode", error=RuntimeError("boom"))
+    arrived = {name: anyio.Event() for name in fetches}
     app_tracer = telemetry.tracer_provider.get_tracer("app")
 
-    async def no_wait(seconds: float) -> None:
-        delays.append(seconds)
-
-    async def undo(ctx: pk.StageContext) -> None:
-        undone.add(ctx.stage)
-
-    async def prepare(ctx: pk.StageContext) -> str:
+    async def prepare_in_a_user_span(ctx: pk.StageContext) -> Any:
         with app_tracer.start_as_current_span("user work"):
-            return "prepared"
+            return await prepare.execute(ctx)
 
-    async def fetch(ctx: pk.StageContext) -> str:
+    async def fetch(ctx: pk.StageContext) -> Any:
         # Each parallel stage waits for the other: they really run at the same time.
         arrived[ctx.stage].set()
         with anyio.fail_after(5):
             for event in arrived.values():
                 await event.wait()
-        return ctx.stage
+        return await fetches[ctx.stage].execute(ctx)
 
-    async def flaky(ctx: pk.StageContext) -> str:
-        nonlocal flaky_calls
-        flaky_calls += 1
-        if flaky_calls <= FLAKY_FAILURES:
-            raise ConnectionError("backend unavailable")
-        return "fetched"
-
-    async def explode(ctx: pk.StageContext) -> None:
-        raise RuntimeError("boom")
-
-    policy = pk.RetryPolicy(max_attempts=3, initial_delay=0.25, multiplier=2, jitter=0, sleep=no_wait)
+    policy = pk.RetryPolicy(max_attempts=3, initial_delay=0.25, multiplier=2, jitter=0)
     pipeline = (
         pk.Pipeline(PIPELINE)
-        .add_stage(pk.stage(name="prepare", rollback=undo)(prepare))
-        .add_parallel_stages(pk.stage(name="fetch-a", rollback=undo)(fetch), pk.stage(name="fetch-b")(fetch))
-        .add_stage(pk.stage(name="flaky", rollback=undo)(flaky), retry=policy)
-        .add_stage(pk.stage(name="explode")(explode))
+        .add_stage(pk.stage(name="prepare", rollback=prepare.rollback)(prepare_in_a_user_span))
+        .add_parallel_stages(
+            pk.stage(name="fetch-a", rollback=fetches["fetch-a"].rollback)(fetch),
+            pk.stage(name="fetch-b")(fetch),  # no rollback
+        )
+        .add_stage(flaky, retry=policy)
+        .add_stage(explode)
     )
     with anyio.fail_after(10):
         response = await pipeline.execute(
@@ -149,7 +150,13 @@ async def run_release(telemetry: OtlpTelemetry) -> Outcome:
             tracer_provider=telemetry.tracer_provider,
             meter_provider=telemetry.meter_provider,
         )
-    return Outcome(status=response.status, error=response.error, delays=tuple(delays), undone=frozenset(undone))
+    attempts_at = [call.time for call in flaky.calls]
+    return Outcome(
+        status=response.status,
+        error=response.error,
+        delays=tuple(later - earlier for earlier, later in itertools.pairwise(attempts_at)),
+        undone=frozenset(mock.name for mock in (prepare, *fetches.values(), flaky, explode) if mock.rolled_back),
+    )
 
 
 async def run_ping(telemetry: OtlpTelemetry) -> pk.Status:
@@ -205,12 +212,13 @@ def export_with(
     *,
     endpoint: str | None,
     headers: Mapping[str, str] | None = None,
+    fake_clock: bool = False,
 ) -> tuple[T, bool]:
     """Configure OTLP towards ``endpoint``, run ``fn`` on ``backend``, flush and shut down."""
     telemetry = configure_otlp(endpoint, service_name=SERVICE, protocol=protocol, headers=headers, install_global=False)
     try:
         assert telemetry.installed_globally is False
-        result = run_on(backend, fn, telemetry)
+        result = run_on(backend, fn, telemetry, fake_clock=fake_clock)
         flushed = telemetry.force_flush(FLUSH_MILLIS)
     finally:
         telemetry.shutdown()
@@ -233,7 +241,9 @@ def no_ambient_otel_environment() -> Iterator[None]:
 def exported(protocol: OtlpProtocol, backend: str) -> Exported:
     """Run the release pipeline once per protocol and backend; keep what the receiver got."""
     with create_receiver(protocol) as receiver:
-        outcome, flushed = export_with(receiver, protocol, backend, run_release, endpoint=receiver.endpoint)
+        outcome, flushed = export_with(
+            receiver, protocol, backend, run_release, endpoint=receiver.endpoint, fake_clock=True
+        )
         return Exported(
             outcome=outcome,
             flushed=flushed,
@@ -279,7 +289,7 @@ class TestExportedRun:
     def test_pipeline_ran_as_planned(self, exported: Exported) -> None:
         """The run failed at explode after two retries of flaky, and rolled back what it could."""
         assert exported.outcome.status is pk.Status.FAILED
-        assert exported.outcome.delays == RETRY_DELAYS
+        assert exported.outcome.delays == pytest.approx(RETRY_DELAYS)
         assert exported.outcome.undone == frozenset(ROLLED_BACK)
 
     def test_exports_arrive_on_the_otlp_routes(self, exported: Exported, protocol: OtlpProtocol) -> None:
@@ -350,7 +360,7 @@ class TestExportedTrace:
         for n in range(1, FLAKY_FAILURES + 1):
             attempt = exported.span(f"stage flaky attempt {n}")
             assert attempt.status_code == "ERROR", n
-            assert attempt.attributes["error.type"] == "ConnectionError"
+            assert attempt.attributes["error.type"] == FLAKY_ERROR_TYPE
         last = exported.span(f"stage flaky attempt {FLAKY_FAILURES + 1}")
         assert last.status_code != "ERROR"
         assert "error.type" not in last.attributes
@@ -429,7 +439,7 @@ class TestExportedTrace:
         retries = [e for e in exported.span("stage flaky").events if e.name == "retry"]
         assert [e.attributes["pipekit.attempt"] for e in retries] == list(range(1, FLAKY_FAILURES + 1))
         assert tuple(e.attributes["pipekit.retry.delay"] for e in retries) == RETRY_DELAYS
-        assert all(e.attributes["error.type"] == "ConnectionError" for e in retries)
+        assert all(e.attributes["error.type"] == FLAKY_ERROR_TYPE for e in retries)
 
     def test_instrumentation_scope(self, exported: Exported) -> None:
         """The run's spans come from the pipekit tracer, versioned like the package."""

@@ -2,23 +2,24 @@
 
 from __future__ import annotations
 
+import itertools
 import math
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
 import anyio.lowlevel
 import attrs
 import pytest
-import structlog
 
 import pipekit as pk
+from pipekit.testing import FakeClock, MockStage, MockStageError, assert_status, capture_events, capture_logs
 
-StageFn = Callable[[pk.StageContext], Awaitable[Any]]
+#: Run the test on the fake clock (pipekit.testing), on the backends conftest's ``anyio_backend`` uses.
+fake_clock = pytest.mark.pipekit_clock(backends=[("asyncio", {"debug": True}), "trio"])
 
 
 class FakeSleep:
-    """A retry sleep that records each requested delay and never waits."""
+    """A retry sleep (the policy's injectable ``sleep=``) that records each requested delay and never waits."""
 
     def __init__(self) -> None:
         self.delays: list[float] = []
@@ -28,20 +29,10 @@ class FakeSleep:
         await anyio.lowlevel.checkpoint()
 
 
-class Flaky:
-    """A stage failing with ``error`` until attempt ``succeed_on`` (never, when None)."""
-
-    def __init__(self, name: str, error: BaseException, succeed_on: int | None = None) -> None:
-        self.name = name
-        self.error = error
-        self.succeed_on = succeed_on
-        self.attempts_seen: list[int] = []
-
-    async def execute(self, ctx: pk.StageContext) -> str:
-        self.attempts_seen.append(ctx.attempt)
-        if self.succeed_on is not None and ctx.attempt >= self.succeed_on:
-            return f"ok on {ctx.attempt}"
-        raise self.error
+def waits(stage: MockStage) -> list[float]:
+    """The (virtual) seconds between one attempt of ``stage`` and the next."""
+    times = [call.time for call in stage.calls]
+    return [later - earlier for earlier, later in itertools.pairwise(times)]
 
 
 async def run_stage(stage: pk.Stage, policy: pk.RetryPolicy, **execute_kwargs: Any) -> pk.PipelineResponse:
@@ -165,13 +156,13 @@ class TestDelay:
 class TestRetryCounts:
     """How many attempts are made and how long the run sleeps between them."""
 
+    @fake_clock
     async def test_gives_up_after_max_attempts(self) -> None:
         """A stage that always fails is attempted max_attempts times, sleeping in between."""
-        sleep = FakeSleep()
-        stage = Flaky("s", OSError("down"))
-        response = await run_stage(stage, pk.RetryPolicy(max_attempts=4, jitter=0, sleep=sleep))
-        assert stage.attempts_seen == [1, 2, 3, 4]
-        assert sleep.delays == [1.0, 2.0, 4.0]
+        stage = MockStage("s", error=OSError("down"))
+        response = await run_stage(stage, pk.RetryPolicy(max_attempts=4, jitter=0))
+        assert [call.attempt for call in stage.calls] == [1, 2, 3, 4]
+        assert waits(stage) == [1.0, 2.0, 4.0]
         result = response.stages["s"]
         assert result.status is pk.Status.FAILED
         assert result.attempts == 4
@@ -180,99 +171,104 @@ class TestRetryCounts:
         assert response.error.attempts == 4
         assert response.error.__cause__ is stage.error
 
+    @fake_clock
     async def test_exact_delays_follow_multiplier(self) -> None:
-        """With jitter 0 the recorded delays are initial_delay * multiplier ** (n - 1)."""
-        sleep = FakeSleep()
-        stage = Flaky("s", OSError("down"))
-        policy = pk.RetryPolicy(max_attempts=4, initial_delay=1, multiplier=3, max_delay=100, jitter=0, sleep=sleep)
-        await run_stage(stage, policy)
-        assert sleep.delays == [1.0, 3.0, 9.0]
-        assert sleep.delays == [policy.delay(n) for n in (1, 2, 3)]
+        """With jitter 0 the delays slept are initial_delay * multiplier ** (n - 1)."""
+        stage = MockStage("s", error=OSError("down"))
+        policy = pk.RetryPolicy(max_attempts=4, initial_delay=1, multiplier=3, max_delay=100, jitter=0)
+        response = await run_stage(stage, policy)
+        assert waits(stage) == [1.0, 3.0, 9.0]
+        assert waits(stage) == [policy.delay(n) for n in (1, 2, 3)]
+        assert response.duration == 13
 
+    @fake_clock
     async def test_fractional_initial_delay(self) -> None:
         """An initial delay other than 1 s is honoured exactly (and raises no warning)."""
-        sleep = FakeSleep()
-        stage = Flaky("s", OSError("down"))
-        policy = pk.RetryPolicy(max_attempts=4, initial_delay=0.25, multiplier=2, jitter=0, sleep=sleep)
+        stage = MockStage("s", error=OSError("down"))
+        policy = pk.RetryPolicy(max_attempts=4, initial_delay=0.25, multiplier=2, jitter=0)
         response = await run_stage(stage, policy)
-        assert stage.attempts_seen == [1, 2, 3, 4]
-        assert sleep.delays == [0.25, 0.5, 1.0]
+        assert [call.attempt for call in stage.calls] == [1, 2, 3, 4]
+        assert waits(stage) == [0.25, 0.5, 1.0]
         assert response.stages["s"].error is stage.error
 
+    @fake_clock
     async def test_zero_initial_delay(self) -> None:
         """An initial delay of 0 retries immediately."""
-        sleep = FakeSleep()
-        stage = Flaky("s", OSError("down"), succeed_on=3)
-        response = await run_stage(stage, pk.RetryPolicy(initial_delay=0, jitter=0, sleep=sleep))
+        stage = MockStage("s", fail_times=2)
+        with capture_events() as events:
+            response = await run_stage(stage, pk.RetryPolicy(initial_delay=0, jitter=0))
         assert response.ok, response.summary()
-        assert sleep.delays == [0.0, 0.0]
+        assert [e.delay for e in events.of(pk.StageRetrying)] == [0.0, 0.0]
+        assert [call.time for call in stage.calls] == [0, 0, 0]
 
+    @fake_clock
     async def test_max_delay_caps_recorded_delays(self) -> None:
-        """No recorded delay exceeds max_delay."""
-        sleep = FakeSleep()
-        stage = Flaky("s", OSError("down"))
-        policy = pk.RetryPolicy(max_attempts=5, multiplier=10, max_delay=5, jitter=0, sleep=sleep)
+        """No delay slept exceeds max_delay."""
+        stage = MockStage("s", error=OSError("down"))
+        policy = pk.RetryPolicy(max_attempts=5, multiplier=10, max_delay=5, jitter=0)
         await run_stage(stage, policy)
-        assert sleep.delays == [1.0, 5.0, 5.0, 5.0]
+        assert waits(stage) == [1.0, 5.0, 5.0, 5.0]
 
+    @fake_clock
     async def test_jitter_bounded(self) -> None:
         """Jitter adds between 0 and `jitter` seconds to each delay."""
-        sleep = FakeSleep()
-        stage = Flaky("s", OSError("down"))
-        await run_stage(stage, pk.RetryPolicy(max_attempts=6, multiplier=1, max_delay=10, jitter=0.5, sleep=sleep))
-        assert len(sleep.delays) == 5
-        assert all(1.0 <= d <= 1.5 for d in sleep.delays), sleep.delays
+        stage = MockStage("s", error=OSError("down"))
+        with capture_events() as events:
+            await run_stage(stage, pk.RetryPolicy(max_attempts=6, multiplier=1, max_delay=10, jitter=0.5))
+        delays = [e.delay for e in events.of(pk.StageRetrying)]
+        assert len(delays) == 5
+        assert all(1.0 <= d <= 1.5 for d in delays), delays
+        assert waits(stage) == pytest.approx(delays)  # and those are the delays slept
 
+    @fake_clock
     async def test_single_attempt_never_sleeps(self) -> None:
         """max_attempts=1 makes one attempt and never sleeps."""
-        sleep = FakeSleep()
-        stage = Flaky("s", OSError("down"))
-        response = await run_stage(stage, pk.RetryPolicy(max_attempts=1, sleep=sleep))
-        assert stage.attempts_seen == [1]
-        assert sleep.delays == []
+        stage = MockStage("s", error=OSError("down"))
+        with capture_events() as events:
+            response = await run_stage(stage, pk.RetryPolicy(max_attempts=1))
+        assert [call.attempt for call in stage.calls] == [1]
+        assert events.of(pk.StageRetrying) == []
+        assert response.duration == 0
         assert response.stages["s"].attempts == 1
 
     async def test_no_policy_means_one_attempt(self) -> None:
         """Without any policy a failing stage is attempted once."""
-        stage = Flaky("s", OSError("down"))
+        stage = MockStage("s", error=OSError("down"))
         response = await pk.Pipeline("p").add_stage(stage).execute()
-        assert stage.attempts_seen == [1]
+        assert [call.attempt for call in stage.calls] == [1]
         assert response.stages["s"].attempts == 1
 
+    @fake_clock
     async def test_last_error_reported(self) -> None:
         """When every attempt fails, the error of the last attempt is the one reported."""
-        sleep = FakeSleep()
 
         @pk.stage
         async def changing(ctx: pk.StageContext) -> None:
             raise OSError(f"failure {ctx.attempt}")
 
-        response = await run_stage(changing, pk.RetryPolicy(max_attempts=3, jitter=0, sleep=sleep))
+        response = await run_stage(changing, pk.RetryPolicy(max_attempts=3, jitter=0))
         assert str(response.stages["changing"].error) == "failure 3"
         assert str(response.error.__cause__ if response.error else None) == "failure 3"
 
+    @fake_clock
     async def test_pipeline_policy_is_the_default(self) -> None:
         """with_retry applies to stages without a policy; a stage's own policy wins."""
-        pipeline_sleep, stage_sleep = FakeSleep(), FakeSleep()
-        default = Flaky("default", OSError("x"), succeed_on=3)
-        own = Flaky("own", OSError("y"), succeed_on=2)
+        default, own = MockStage("default", fail_times=2), MockStage("own", fail_times=1)
         pipeline = (
             pk.Pipeline("p")
             .add_stage(default)
-            .add_stage(
-                own, retry=pk.RetryPolicy(max_attempts=2, initial_delay=1, multiplier=1, jitter=0, sleep=stage_sleep)
-            )
-            .with_retry(pk.RetryPolicy(max_attempts=3, jitter=0, sleep=pipeline_sleep))
+            .add_stage(own, retry=pk.RetryPolicy(max_attempts=2, initial_delay=5, multiplier=1, jitter=0))
+            .with_retry(pk.RetryPolicy(max_attempts=3, jitter=0))
         )
         response = await pipeline.execute()
         assert response.ok, response.summary()
         assert (response.stages["default"].attempts, response.stages["own"].attempts) == (3, 2)
-        assert pipeline_sleep.delays == [1.0, 2.0]
-        assert stage_sleep.delays == [1.0]
+        assert waits(default) == [1.0, 2.0]
+        assert waits(own) == [5.0]
 
+    @fake_clock
     async def test_timed_out_attempt_is_retried(self) -> None:
         """An attempt exceeding the stage timeout is retried like any failure."""
-        sleep = FakeSleep()
 
         @pk.stage
         async def hangs_once(ctx: pk.StageContext) -> int:
@@ -280,12 +276,14 @@ class TestRetryCounts:
                 await anyio.sleep_forever()
             return ctx.attempt
 
-        pipeline = pk.Pipeline("p").add_stage(hangs_once, timeout=0.05, retry=pk.RetryPolicy(jitter=0, sleep=sleep))
-        with anyio.fail_after(5):
+        pipeline = pk.Pipeline("p").add_stage(hangs_once, timeout=30, retry=pk.RetryPolicy(jitter=0))
+        with anyio.fail_after(3600), capture_events() as events:
             response = await pipeline.execute()
         assert response.ok, response.summary()
         assert response.outputs["hangs_once"] == 2
-        assert sleep.delays == [1.0]
+        retrying = events.of(pk.StageRetrying)
+        assert [(e.attempt, e.delay, type(e.error)) for e in retrying] == [(1, 1.0, pk.StageTimeoutError)]
+        assert response.duration == 31  # the 30 s timeout, then the 1 s back-off
 
 
 class TestRetryFilter:
@@ -311,50 +309,62 @@ class TestRetryFilter:
         policy = pk.RetryPolicy(retry_on=(BaseException,), should_retry=lambda exc: True)
         assert not policy.is_retryable(error)
 
+    @fake_clock
     async def test_retry_on_excludes_other_errors(self) -> None:
         """An error not in retry_on fails the stage at once."""
-        sleep = FakeSleep()
-        stage = Flaky("s", ValueError("bug"))
-        response = await run_stage(stage, pk.RetryPolicy(retry_on=(OSError,), sleep=sleep))
-        assert stage.attempts_seen == [1]
-        assert sleep.delays == []
+        stage = MockStage("s", error=ValueError("bug"))
+        with capture_events() as events:
+            response = await run_stage(stage, pk.RetryPolicy(retry_on=(OSError,)))
+        assert [call.attempt for call in stage.calls] == [1]
+        assert events.of(pk.StageRetrying) == []
+        assert response.duration == 0
         assert response.stages["s"].attempts == 1
 
+    @fake_clock
     async def test_retry_on_matches_subclasses(self) -> None:
         """Subclasses of a retry_on class are retried."""
-        sleep = FakeSleep()
-        stage = Flaky("s", ConnectionResetError("reset"), succeed_on=2)
-        response = await run_stage(stage, pk.RetryPolicy(retry_on=(OSError,), jitter=0, sleep=sleep))
-        assert response.ok
-        assert stage.attempts_seen == [1, 2]
+        attempts: list[int] = []
 
+        # Not a MockStage: its planned failures (fail_times) always raise MockStageError, not a chosen error.
+        @pk.stage
+        async def reset_once(ctx: pk.StageContext) -> str:
+            attempts.append(ctx.attempt)
+            if ctx.attempt == 1:
+                raise ConnectionResetError("reset")
+            return "ok"
+
+        response = await run_stage(reset_once, pk.RetryPolicy(retry_on=(OSError,), jitter=0))
+        assert response.ok
+        assert attempts == [1, 2]
+
+    @fake_clock
     async def test_should_retry_filters(self) -> None:
         """should_retry returning False stops retrying."""
-        sleep = FakeSleep()
         seen: list[BaseException] = []
 
         def transient_only(exc: BaseException) -> bool:
             seen.append(exc)
             return "transient" in str(exc)
 
-        stage = Flaky("s", OSError("permanent"))
-        await run_stage(stage, pk.RetryPolicy(should_retry=transient_only, sleep=sleep))
-        assert stage.attempts_seen == [1]
+        stage = MockStage("s", error=OSError("permanent"))
+        with capture_events() as events:
+            await run_stage(stage, pk.RetryPolicy(should_retry=transient_only))
+        assert [call.attempt for call in stage.calls] == [1]
         assert seen == [stage.error]
-        assert sleep.delays == []
+        assert events.of(pk.StageRetrying) == []
 
+    @fake_clock
     async def test_should_retry_allows(self) -> None:
         """should_retry returning True lets the policy retry."""
-        sleep = FakeSleep()
-        stage = Flaky("s", OSError("transient"), succeed_on=3)
-        policy = pk.RetryPolicy(should_retry=lambda exc: "transient" in str(exc), jitter=0, sleep=sleep)
+        stage = MockStage("s", fail_times=2)
+        policy = pk.RetryPolicy(should_retry=lambda exc: isinstance(exc, MockStageError), jitter=0)
         response = await run_stage(stage, policy)
         assert response.ok
-        assert stage.attempts_seen == [1, 2, 3]
+        assert [call.attempt for call in stage.calls] == [1, 2, 3]
 
+    @fake_clock
     async def test_error_changing_to_non_retryable_stops(self) -> None:
         """A later attempt failing with a non-retryable error ends the retries with that error."""
-        sleep = FakeSleep()
 
         @pk.stage
         async def worsening(ctx: pk.StageContext) -> None:
@@ -362,44 +372,38 @@ class TestRetryFilter:
                 raise OSError("transient")
             raise KeyError("fatal")
 
-        response = await run_stage(worsening, pk.RetryPolicy(max_attempts=5, retry_on=(OSError,), sleep=sleep))
+        with capture_events() as events:
+            response = await run_stage(worsening, pk.RetryPolicy(max_attempts=5, retry_on=(OSError,)))
         result = response.stages["worsening"]
         assert result.attempts == 2
         assert isinstance(result.error, KeyError)
-        assert len(sleep.delays) == 1
+        assert [e.attempt for e in events.of(pk.StageRetrying)] == [1]
 
+    @fake_clock
     async def test_validation_error_from_execute_not_retried(self) -> None:
         """A ValidationError raised by execute is never retried."""
-        sleep = FakeSleep()
-        stage = Flaky("s", pk.ValidationError("bad"))
-        response = await run_stage(stage, pk.RetryPolicy(retry_on=(Exception,), sleep=sleep))
-        assert stage.attempts_seen == [1]
-        assert sleep.delays == []
+        stage = MockStage("s", error=pk.ValidationError("bad"))
+        with capture_events() as events:
+            response = await run_stage(stage, pk.RetryPolicy(retry_on=(Exception,)))
+        assert [call.attempt for call in stage.calls] == [1]
+        assert events.of(pk.StageRetrying) == []
         assert isinstance(response.stages["s"].error, pk.ValidationError)
 
+    @fake_clock
     async def test_validation_error_from_validate_not_retried(self) -> None:
         """A stage whose validate rejects the request is not retried and never executed."""
-        sleep = FakeSleep()
-        executed: list[int] = []
-
-        class Picky(pk.BaseStage):
-            name = "picky"
-
-            def validate(self, ctx: pk.StageContext) -> None:
-                raise pk.ValidationError("nope")
-
-            async def execute(self, ctx: pk.StageContext) -> None:
-                executed.append(ctx.attempt)
-
-        response = await run_stage(Picky(), pk.RetryPolicy(sleep=sleep))
-        assert executed == []
-        assert sleep.delays == []
+        picky = MockStage("picky", validate_error=pk.ValidationError("nope"))
+        with capture_events() as events:
+            response = await run_stage(picky, pk.RetryPolicy())
+        assert len(picky.validations) == 1
+        assert picky.calls == []
+        assert events.of(pk.StageRetrying) == []
         assert response.stages["picky"].status is pk.Status.FAILED
         assert isinstance(response.stages["picky"].error, pk.ValidationError)
 
+    @fake_clock
     async def test_context_conflict_not_retried(self) -> None:
         """A stage hitting a ContextConflictError is not retried."""
-        sleep = FakeSleep()
         key = pk.Key[int]("k")
         first_wrote = anyio.Event()
         attempts: list[int] = []
@@ -416,23 +420,23 @@ class TestRetryFilter:
             ctx[key] = 2
 
         pipeline = pk.Pipeline("p").add_parallel_stages(
-            first, second, retry=pk.RetryPolicy(max_attempts=5, sleep=sleep), continue_on_error=True
+            first, second, retry=pk.RetryPolicy(max_attempts=5), continue_on_error=True
         )
-        with anyio.fail_after(5):
+        with anyio.fail_after(5), capture_events() as events:
             response = await pipeline.execute()
         assert attempts == [1]
-        assert sleep.delays == []
+        assert events.of(pk.StageRetrying) == []
         assert isinstance(response.stages["second"].error, pk.ContextConflictError)
 
 
 class TestEventualSuccess:
     """A stage that succeeds after failures."""
 
+    @fake_clock
     async def test_succeeds_on_third_attempt(self) -> None:
         """The run succeeds; attempts and ctx.attempt record the retries."""
-        sleep = FakeSleep()
-        stage = Flaky("s", ConnectionError("flaky"), succeed_on=3)
-        response = await run_stage(stage, pk.RetryPolicy(max_attempts=5, jitter=0, sleep=sleep))
+        stage = MockStage("s", output="ok on 3", fail_times=2)
+        response = await run_stage(stage, pk.RetryPolicy(max_attempts=5, jitter=0))
         assert response.ok
         assert response.error is None
         result = response.stages["s"]
@@ -440,35 +444,24 @@ class TestEventualSuccess:
         assert result.attempts == 3
         assert result.error is None
         assert result.output == "ok on 3"
-        assert stage.attempts_seen == [1, 2, 3]
-        assert sleep.delays == [1.0, 2.0]
+        assert [call.attempt for call in stage.calls] == [1, 2, 3]
+        assert waits(stage) == [1.0, 2.0]
 
+    @fake_clock
     async def test_retried_stage_output_flows_on(self) -> None:
         """The output of the successful attempt is what later stages see."""
-        sleep = FakeSleep()
-        stage = Flaky("s", ConnectionError("flaky"), succeed_on=2)
-        seen: list[Any] = []
-
-        @pk.stage
-        async def after(ctx: pk.StageContext) -> None:
-            seen.append(ctx.outputs["s"])
-
-        pipeline = pk.Pipeline("p").add_stage(stage, retry=pk.RetryPolicy(jitter=0, sleep=sleep)).add_stage(after)
+        stage, after = MockStage("s", output="ok on 2", fail_times=1), MockStage("after")
+        pipeline = pk.Pipeline("p").add_stage(stage, retry=pk.RetryPolicy(jitter=0)).add_stage(after)
         assert (await pipeline.execute()).ok
-        assert seen == ["ok on 2"]
+        assert [call.outputs["s"] for call in after.calls] == ["ok on 2"]
 
 
 class TestRetryEvents:
     """pk.StageRetrying events announce each retry."""
 
     async def test_events_carry_attempt_delay_and_error(self) -> None:
-        """One StageRetrying per retry, with the failed attempt, the coming delay and the error."""
+        """One StageRetrying per retry, with the failed attempt, the coming delay (the one slept) and the error."""
         sleep = FakeSleep()
-        events: list[pk.Event] = []
-
-        async def hook(event: pk.Event) -> None:
-            events.append(event)
-
         errors = [OSError("first"), OSError("second")]
 
         @pk.stage
@@ -479,9 +472,10 @@ class TestRetryEvents:
 
         policy = pk.RetryPolicy(max_attempts=3, multiplier=3, jitter=0, sleep=sleep)
         request = pk.PipelineRequest(id="r-1")
-        response = await pk.Pipeline("p").add_stage(flaky, retry=policy).execute(request, hooks=[hook])
+        with capture_events() as events:
+            response = await pk.Pipeline("p").add_stage(flaky, retry=policy).execute(request)
         assert response.ok
-        retrying = [e for e in events if isinstance(e, pk.StageRetrying)]
+        retrying = events.of(pk.StageRetrying)
         assert [(e.stage, e.attempt, e.delay) for e in retrying] == [("flaky", 1, 1.0), ("flaky", 2, 3.0)]
         assert [e.error for e in retrying] == errors
         assert {(e.request_id, e.pipeline) for e in retrying} == {("r-1", "p")}
@@ -489,38 +483,33 @@ class TestRetryEvents:
 
     async def test_event_announced_before_the_sleep(self) -> None:
         """Each StageRetrying event is delivered before the sleep it announces."""
-        order: list[str] = []
-
-        async def hook(event: pk.Event) -> None:
-            if isinstance(event, pk.StageRetrying):
-                order.append(f"event {event.attempt}")
+        sleeps: list[tuple[float, list[tuple[int, float]]]] = []
 
         async def sleep(seconds: float) -> None:
-            order.append(f"sleep {seconds:g}")
+            announced = [(e.attempt, e.delay) for e in events.of(pk.StageRetrying)]
+            sleeps.append((seconds, announced))
 
-        stage = Flaky("s", OSError("x"), succeed_on=3)
+        stage = MockStage("s", fail_times=2)
         policy = pk.RetryPolicy(jitter=0, sleep=sleep)
-        await pk.Pipeline("p").add_stage(stage, retry=policy).execute(hooks=[hook])
-        assert order == ["event 1", "sleep 1", "event 2", "sleep 2"]
+        with capture_events() as events:
+            await pk.Pipeline("p").add_stage(stage, retry=policy).execute()
+        assert sleeps == [(1.0, [(1, 1.0)]), (2.0, [(1, 1.0), (2, 2.0)])]
 
+    @fake_clock
     async def test_no_event_without_retry(self) -> None:
         """A stage that fails without being retried emits no StageRetrying."""
-        events: list[pk.Event] = []
+        stage = MockStage("s", error=ValueError("x"))
+        with capture_events() as events:
+            await pk.Pipeline("p").add_stage(stage, retry=pk.RetryPolicy(retry_on=(OSError,))).execute()
+        assert not events.of(pk.StageRetrying)
+        assert [e.attempt for e in events.of(pk.StageFailed)] == [1]
 
-        async def hook(event: pk.Event) -> None:
-            events.append(event)
-
-        stage = Flaky("s", ValueError("x"))
-        await pk.Pipeline("p").add_stage(stage, retry=pk.RetryPolicy(retry_on=(OSError,))).execute(hooks=[hook])
-        assert not [e for e in events if isinstance(e, pk.StageRetrying)]
-        assert [e.attempt for e in events if isinstance(e, pk.StageFailed)] == [1]
-
+    @fake_clock
     async def test_retry_logged(self) -> None:
         """Each scheduled retry is logged as pipekit.stage.retry_scheduled with its attempt and delay."""
-        sleep = FakeSleep()
-        stage = Flaky("s", OSError("x"), succeed_on=2)
-        with structlog.testing.capture_logs() as logs:
-            await run_stage(stage, pk.RetryPolicy(jitter=0, sleep=sleep))
+        stage = MockStage("s", fail_times=1)
+        with capture_logs() as logs:
+            await run_stage(stage, pk.RetryPolicy(jitter=0))
         scheduled = [e for e in logs if e["event"] == "pipekit.stage.retry_scheduled"]
         assert [(e["stage"], e["attempt"], e["delay"]) for e in scheduled] == [("s", 1, 1.0)]
 
@@ -530,44 +519,52 @@ class TestCancellableSleep:
 
     async def test_outer_cancellation_interrupts_retry_sleep(self) -> None:
         """Cancelling the caller during a retry sleep ends the run: no further attempt, status CANCELLED."""
-        events: list[pk.Event] = []
-        stage = Flaky("s", OSError("down"))
+        stage = MockStage("s", error=OSError("down"))
 
-        async def hook(event: pk.Event) -> None:
-            events.append(event)
-
-        with anyio.fail_after(5), anyio.CancelScope() as scope:
+        with anyio.fail_after(5), anyio.CancelScope() as scope, capture_events() as events:
 
             async def sleep(seconds: float) -> None:
                 scope.cancel()
                 await anyio.sleep_forever()
 
-            await run_stage(stage, pk.RetryPolicy(max_attempts=5, sleep=sleep), hooks=[hook])
+            await run_stage(stage, pk.RetryPolicy(max_attempts=5, sleep=sleep))
         assert scope.cancelled_caught
-        assert stage.attempts_seen == [1]
-        finished = [e for e in events if isinstance(e, pk.PipelineFinished)]
+        assert [call.attempt for call in stage.calls] == [1]
+        finished = events.of(pk.PipelineFinished)
         assert len(finished) == 1
         assert finished[0].status is pk.Status.CANCELLED
 
+    @fake_clock
     async def test_run_timeout_interrupts_retry_sleep(self) -> None:
         """A whole-run timeout firing during a long retry sleep ends the run as TIMED_OUT."""
-        stage = Flaky("s", OSError("down"))
-        policy = pk.RetryPolicy(max_attempts=5, initial_delay=1, jitter=0, sleep=anyio.sleep)
-        request = pk.PipelineRequest(options=pk.RequestOptions(timeout=0.05))
-        with anyio.fail_after(5):
-            response = await pk.Pipeline("p").add_stage(stage, retry=policy).execute(request)
-        assert stage.attempts_seen == [1]
-        assert response.status is pk.Status.TIMED_OUT
+        stage = MockStage("s", error=OSError("down"))
+        policy = pk.RetryPolicy(max_attempts=5, initial_delay=60, jitter=0, sleep=anyio.sleep)
+        request = pk.PipelineRequest(options=pk.RequestOptions(timeout=10))
+        response = await pk.Pipeline("p").add_stage(stage, retry=policy).execute(request)
+        assert [call.attempt for call in stage.calls] == [1]
+        assert_status(response, pk.Status.TIMED_OUT)
         assert isinstance(response.error, pk.PipelineTimeoutError)
         assert response.stages["s"].status is pk.Status.TIMED_OUT
-        assert response.duration < 0.9
+        assert response.duration == 10  # not the 60 s back-off
 
-    async def test_default_sleep_is_anyio_sleep(self) -> None:
+    @fake_clock
+    async def test_default_sleep_is_anyio_sleep(self, pipekit_clock: FakeClock) -> None:
         """Without an injected sleep the policy sleeps with anyio (cancellable by a run timeout)."""
-        stage = Flaky("s", OSError("down"))
-        policy = pk.RetryPolicy(max_attempts=3, initial_delay=1, jitter=0)
-        pipeline = pk.Pipeline("p").add_stage(stage, retry=policy).with_timeout(0.05)
-        with anyio.fail_after(5):
-            response = await pipeline.execute()
-        assert response.status is pk.Status.TIMED_OUT
-        assert stage.attempts_seen == [1]
+        stage = MockStage("s", error=OSError("down"))
+        policy = pk.RetryPolicy(max_attempts=3, initial_delay=60, jitter=0)
+        pipeline = pk.Pipeline("p").add_stage(stage, retry=policy).with_timeout(10)
+        response = await pipeline.execute()
+        assert_status(response, pk.Status.TIMED_OUT)
+        assert [call.attempt for call in stage.calls] == [1]
+        assert pipekit_clock.elapsed() == 10  # anyio.sleep ran on the (fake) event-loop clock
+
+    @fake_clock
+    async def test_injected_sleep_replaces_anyio_sleep(self, pipekit_clock: FakeClock) -> None:
+        """An injected sleep is used instead of anyio.sleep: it gets every delay, and no event-loop time passes."""
+        sleep = FakeSleep()
+        stage = MockStage("s", fail_times=2)
+        response = await run_stage(stage, pk.RetryPolicy(initial_delay=30, max_delay=300, jitter=0, sleep=sleep))
+        assert response.ok, response.summary()
+        assert sleep.delays == [30.0, 60.0]
+        assert [call.time for call in stage.calls] == [0, 0, 0]
+        assert pipekit_clock.elapsed() == 0

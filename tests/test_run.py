@@ -11,56 +11,20 @@ import anyio.lowlevel
 import pytest
 
 import pipekit as pk
+from pipekit.testing import MockStage, assert_rolled_back, assert_stage_order, assert_status, capture_events
 
 StageFn = Callable[[pk.StageContext], Awaitable[Any]]
+
+#: Run the test on the fake clock (pipekit.testing), on the backends conftest's ``anyio_backend`` uses.
+fake_clock = pytest.mark.pipekit_clock(backends=[("asyncio", {"debug": True}), "trio"])
+
+#: How long a "hanging" mock stage takes: far beyond every timeout here (virtual time, on the fake clock).
+HOUR = 3600.0
 
 
 def named(name: str, fn: StageFn) -> pk.FunctionStage:
     """Make ``fn`` a stage called ``name``."""
     return pk.stage(name=name)(fn)
-
-
-def recorder(name: str, log: list[str], output: Any = None) -> pk.FunctionStage:
-    """A stage that appends its name to ``log`` and returns ``output``."""
-
-    async def execute(ctx: pk.StageContext) -> Any:
-        log.append(ctx.stage)
-        return output
-
-    return named(name, execute)
-
-
-def failing(name: str, error: Exception) -> pk.FunctionStage:
-    """A stage that raises ``error``."""
-
-    async def execute(ctx: pk.StageContext) -> None:
-        raise error
-
-    return named(name, execute)
-
-
-def hanging(name: str, started: anyio.Event | None = None) -> pk.FunctionStage:
-    """A stage that (optionally) signals ``started`` and then never finishes on its own."""
-
-    async def execute(ctx: pk.StageContext) -> None:
-        if started is not None:
-            started.set()
-        await anyio.sleep_forever()
-
-    return named(name, execute)
-
-
-async def _noop(ctx: pk.StageContext) -> None:
-    """A stage function that does nothing."""
-
-
-def _const(value: Any) -> StageFn:
-    """A stage function returning ``value``."""
-
-    async def execute(ctx: pk.StageContext) -> Any:
-        return value
-
-    return execute
 
 
 class Gauge:
@@ -84,6 +48,27 @@ class Gauge:
         return named(name, execute)
 
 
+class Journaled(MockStage):
+    """A `MockStage` that also notes each validate and execute in a log shared with other stages.
+
+    A mock's ``validations`` and ``calls`` are separate lists, and nothing orders a validate
+    against an execute (of one stage or of two) that happen at the same instant, so the tests
+    about that order need this shared log.
+    """
+
+    def __init__(self, name: str, journal: list[str], *, validate_error: str | None = None) -> None:
+        super().__init__(name, output=name, validate_error=validate_error)
+        self.journal = journal
+
+    def validate(self, ctx: pk.StageContext) -> None:
+        self.journal.append(f"validate {ctx.stage} dry_run={ctx.dry_run}")
+        super().validate(ctx)
+
+    async def execute(self, ctx: pk.StageContext) -> Any:
+        self.journal.append(f"execute {ctx.stage}")
+        return await super().execute(ctx)
+
+
 def timeout_request(seconds: float) -> pk.PipelineRequest:
     """A request bounded by ``seconds``."""
     return pk.PipelineRequest(options=pk.RequestOptions(timeout=seconds))
@@ -96,12 +81,12 @@ class TestSequential:
     """Stages added one after another run in order and pass outputs along."""
 
     async def test_order(self) -> None:
-        """Stages run in the order they were added."""
-        log: list[str] = []
-        pipeline = pk.Pipeline("p").add_stage(recorder("a", log)).add_stage(recorder("b", log))
-        pipeline = pipeline.add_stage(recorder("c", log))
-        assert (await pipeline.execute()).ok
-        assert log == ["a", "b", "c"]
+        """Stages run in the order they were added, each after the previous one finished."""
+        a, b, c = MockStage("a", output=1), MockStage("b", output=2), MockStage("c")
+        response = await pk.Pipeline("p").add_stage(a).add_stage(b).add_stage(c).execute()
+        assert_status(response, pk.Status.SUCCEEDED)
+        assert_stage_order(response, ["a", "b", "c"])
+        assert [dict(call.outputs) for m in (a, b, c) for call in m.calls] == [{}, {"a": 1}, {"a": 1, "b": 2}]
 
     async def test_output_passing(self) -> None:
         """Each stage reads the previous stage's output from ctx.outputs."""
@@ -117,18 +102,14 @@ class TestSequential:
         response = await pipeline.execute(input={"start": 10})
         assert dict(response.outputs) == {"a": 10, "b": 11, "c": 12}
 
+    @fake_clock
     async def test_each_stage_waits_for_the_previous(self) -> None:
         """A stage does not start before the previous one has finished."""
-        log: list[str] = []
-
-        async def slow(ctx: pk.StageContext) -> None:
-            for _ in range(10):
-                await anyio.lowlevel.checkpoint()
-            log.append("slow done")
-
-        pipeline = pk.Pipeline("p").add_stage(named("slow", slow)).add_stage(recorder("next", log))
-        assert (await pipeline.execute()).ok
-        assert log == ["slow done", "next"]
+        slow, after = MockStage("slow", output="done", delay=10), MockStage("next")
+        response = await pk.Pipeline("p").add_stage(slow).add_stage(after).execute()
+        assert_status(response, pk.Status.SUCCEEDED)
+        assert [call.time for call in slow.calls] == [0]
+        assert [(call.time, dict(call.outputs)) for call in after.calls] == [(10, {"slow": "done"})]
 
     async def test_empty_pipeline_succeeds(self) -> None:
         """A pipeline without stages succeeds with no outputs."""
@@ -173,32 +154,20 @@ class TestParallel:
     async def test_next_stage_waits_for_whole_group(self) -> None:
         """The stage after a group starts only once every group member finished."""
         gauge = Gauge()
-        seen: list[dict[str, Any]] = []
-
-        async def after(ctx: pk.StageContext) -> None:
-            seen.append(dict(ctx.outputs))
-            assert gauge.current == 0
-
-        pipeline = (
-            pk.Pipeline("p")
-            .add_parallel_stages(*(gauge.stage(f"s{i}") for i in range(3)))
-            .add_stage(named("after", after))
-        )
+        after = MockStage("after")
+        pipeline = pk.Pipeline("p").add_parallel_stages(*(gauge.stage(f"s{i}") for i in range(3))).add_stage(after)
         response = await pipeline.execute()
         assert response.ok, response.summary()
-        assert seen == [{"s0": "s0", "s1": "s1", "s2": "s2"}]
+        # Every member's output is there when "after" starts: each had finished (so none was in flight).
+        assert [dict(call.outputs) for call in after.calls] == [{"s0": "s0", "s1": "s1", "s2": "s2"}]
 
     async def test_group_waits_for_previous_stage(self) -> None:
         """A group added after a stage starts only after it."""
-        log: list[str] = []
-        pipeline = (
-            pk.Pipeline("p")
-            .add_stage(recorder("first", log))
-            .add_parallel_stages(recorder("x", log), recorder("y", log))
-        )
-        assert (await pipeline.execute()).ok
-        assert log[0] == "first"
-        assert sorted(log[1:]) == ["x", "y"]
+        first, x, y = MockStage("first", output=1), MockStage("x"), MockStage("y")
+        response = await pk.Pipeline("p").add_stage(first).add_parallel_stages(x, y).execute()
+        assert_status(response, pk.Status.SUCCEEDED)
+        assert response.stages["first"].start_index == 0
+        assert [call.outputs.get("first") for call in (*x.calls, *y.calls)] == [1, 1]  # "first" had finished
 
 
 class TestDag:
@@ -206,36 +175,29 @@ class TestDag:
 
     async def test_diamond_order(self) -> None:
         """In a diamond a -> (b, c) -> d, a runs first and d last, seeing both branches."""
-        log: list[str] = []
-        seen: list[dict[str, Any]] = []
-
-        async def join(ctx: pk.StageContext) -> None:
-            log.append("d")
-            seen.append(dict(ctx.outputs))
-
+        a, b, c, d = MockStage("a", output=0), MockStage("b", output=1), MockStage("c", output=2), MockStage("d")
         pipeline = (
             pk.Pipeline("p")
-            .add_stage(recorder("a", log, 0))
-            .add_stage(recorder("b", log, 1), depends_on=("a",))
-            .add_stage(recorder("c", log, 2), depends_on=("a",))
-            .add_stage(named("d", join), depends_on=("b", "c"))
+            .add_stage(a)
+            .add_stage(b, depends_on=("a",))
+            .add_stage(c, depends_on=("a",))
+            .add_stage(d, depends_on=("b", "c"))
         )
         response = await pipeline.execute()
         assert response.ok
-        assert log[0] == "a"
-        assert sorted(log[1:3]) == ["b", "c"]
-        assert log[3] == "d"
-        assert seen == [{"a": 0, "b": 1, "c": 2}]
+        assert (response.stages["a"].start_index, response.stages["d"].start_index) == (0, 3)
+        assert [call.outputs.get("a") for call in (*b.calls, *c.calls)] == [0, 0]  # "a" had finished
+        assert [dict(call.outputs) for call in d.calls] == [{"a": 0, "b": 1, "c": 2}]
 
     async def test_diamond_branches_run_concurrently(self) -> None:
         """The two branches of a diamond are in flight at the same time."""
         gauge = Gauge()
         pipeline = (
             pk.Pipeline("p")
-            .add_stage(named("a", _noop))
+            .add_stage(MockStage("a"))
             .add_stage(gauge.stage("b"), depends_on=("a",))
             .add_stage(gauge.stage("c"), depends_on=("a",))
-            .add_stage(named("d", _noop), depends_on=("b", "c"))
+            .add_stage(MockStage("d"), depends_on=("b", "c"))
         )
         assert (await pipeline.execute()).ok
         assert gauge.peak == 2
@@ -257,40 +219,31 @@ class TestDag:
             response = await pipeline.execute()
         assert response.ok
 
+    @fake_clock
     async def test_stage_waits_only_for_its_dependencies(self) -> None:
         """A stage depending on one root runs while an unrelated root is still busy."""
-        release = anyio.Event()
-        log: list[str] = []
-
-        async def busy(ctx: pk.StageContext) -> None:
-            await release.wait()
-            log.append("busy")
-
-        async def quick_child(ctx: pk.StageContext) -> None:
-            log.append("child")
-            release.set()
-
+        busy, quick, child = MockStage("busy", delay=10), MockStage("quick"), MockStage("child")
         pipeline = (
             pk.Pipeline("p")
-            .add_stage(named("busy", busy), depends_on=())
-            .add_stage(recorder("quick", log), depends_on=())
-            .add_stage(named("child", quick_child), depends_on=("quick",))
+            .add_stage(busy, depends_on=())
+            .add_stage(quick, depends_on=())
+            .add_stage(child, depends_on=("quick",))
         )
-        with anyio.fail_after(5):
-            response = await pipeline.execute()
+        response = await pipeline.execute()
         assert response.ok
-        assert log.index("child") < log.index("busy")
+        assert [call.time for call in busy.calls] == [0]
+        assert [(call.time, dict(call.outputs)) for call in child.calls] == [(0, {"quick": None})]
+        assert response.duration == 10
 
     async def test_stage_results_in_definition_order(self) -> None:
         """response.stages lists stages in the order they were added, whatever order they ran in."""
-        log: list[str] = []
         pipeline = (
             pk.Pipeline("p")
-            .add_stage(recorder("late", log), depends_on=("early",))
-            .add_stage(recorder("early", log), depends_on=())
+            .add_stage(MockStage("late"), depends_on=("early",))
+            .add_stage(MockStage("early"), depends_on=())
         )
         response = await pipeline.execute()
-        assert log == ["early", "late"]
+        assert_stage_order(response, ["early", "late"])
         assert list(response.stages) == ["late", "early"]
 
 
@@ -299,11 +252,10 @@ class TestConditional:
 
     async def test_false_condition_skips(self) -> None:
         """A false condition records SKIPPED with a reason and never executes the stage."""
-        log: list[str] = []
-        pipeline = pk.Pipeline("p").add_conditional_stage(recorder("maybe", log, "out"), lambda ctx: False)
-        response = await pipeline.execute()
+        maybe = MockStage("maybe", output="out")
+        response = await pk.Pipeline("p").add_conditional_stage(maybe, lambda ctx: False).execute()
         assert response.ok
-        assert log == []
+        assert (maybe.calls, maybe.validations) == ([], [])
         result = response.stages["maybe"]
         assert result.status is pk.Status.SKIPPED
         assert result.reason is not None
@@ -314,39 +266,40 @@ class TestConditional:
 
     async def test_dependents_of_skipped_stage_run(self) -> None:
         """Stages after a skipped conditional stage still run."""
-        log: list[str] = []
+        maybe = MockStage("maybe")
         pipeline = (
             pk.Pipeline("p")
-            .add_stage(recorder("a", log))
-            .add_conditional_stage(recorder("maybe", log), lambda ctx: False)
-            .add_stage(recorder("after", log))
+            .add_stage(MockStage("a"))
+            .add_conditional_stage(maybe, lambda ctx: False)
+            .add_stage(MockStage("after"))
         )
         response = await pipeline.execute()
         assert response.ok
-        assert log == ["a", "after"]
+        assert_stage_order(response, ["a", "after"])
+        assert maybe.calls == []
         assert response.stages["after"].status is pk.Status.SUCCEEDED
 
     async def test_condition_sees_earlier_outputs_and_input(self) -> None:
         """The condition is given the context, with earlier outputs and the input."""
-        log: list[str] = []
         seen: list[tuple[Any, Any]] = []
 
         def when(ctx: pk.StageContext) -> bool:
             seen.append((dict(ctx.outputs), ctx.input.get("go")))
             return bool(ctx.outputs["a"] == 1 and ctx.input["go"])
 
-        pipeline = pk.Pipeline("p").add_stage(recorder("a", log, 1)).add_conditional_stage(recorder("b", log), when)
-        assert (await pipeline.execute(input={"go": True})).ok
-        assert log == ["a", "b"]
+        pipeline = pk.Pipeline("p").add_stage(MockStage("a", output=1)).add_conditional_stage(MockStage("b"), when)
+        response = await pipeline.execute(input={"go": True})
+        assert response.ok
+        assert_stage_order(response, ["a", "b"])
         assert seen == [({"a": 1}, True)]
 
     async def test_true_condition_runs(self) -> None:
         """A true condition runs the stage normally."""
-        log: list[str] = []
-        pipeline = pk.Pipeline("p").add_conditional_stage(recorder("maybe", log, 5), lambda ctx: True)
-        response = await pipeline.execute()
+        maybe = MockStage("maybe", output=5)
+        response = await pk.Pipeline("p").add_conditional_stage(maybe, lambda ctx: True).execute()
         assert response.stages["maybe"].status is pk.Status.SUCCEEDED
         assert response.outputs["maybe"] == 5
+        assert maybe.call_count == 1
 
     async def test_raising_condition_fails_the_stage(self) -> None:
         """A condition that raises fails the stage with that error."""
@@ -355,11 +308,10 @@ class TestConditional:
         def when(ctx: pk.StageContext) -> bool:
             raise boom
 
-        log: list[str] = []
-        pipeline = pk.Pipeline("p").add_conditional_stage(recorder("maybe", log), when)
-        response = await pipeline.execute()
-        assert log == []
-        assert response.status is pk.Status.FAILED
+        maybe = MockStage("maybe")
+        response = await pk.Pipeline("p").add_conditional_stage(maybe, when).execute()
+        assert maybe.calls == []
+        assert_status(response, pk.Status.FAILED)
         assert response.stages["maybe"].error is boom
         assert isinstance(response.error, pk.StageFailedError)
         assert response.error.__cause__ is boom
@@ -370,17 +322,17 @@ class TestContinueOnError:
 
     async def test_failure_recorded_and_run_succeeds(self) -> None:
         """The failed stage is FAILED, its dependents SKIPPED naming it, others run; the run SUCCEEDED."""
-        log: list[str] = []
         boom = RuntimeError("optional step broke")
+        needs_it, needs_that, independent = MockStage("needs_it"), MockStage("needs_that"), MockStage("independent")
         pipeline = (
             pk.Pipeline("p")
-            .add_stage(failing("optional", boom), continue_on_error=True)
-            .add_stage(recorder("needs_it", log))
-            .add_stage(recorder("needs_that", log))
-            .add_stage(recorder("independent", log), depends_on=())
+            .add_stage(MockStage("optional", error=boom), continue_on_error=True)
+            .add_stage(needs_it)
+            .add_stage(needs_that)
+            .add_stage(independent, depends_on=())
         )
         response = await pipeline.execute()
-        assert response.status is pk.Status.SUCCEEDED
+        assert_status(response, pk.Status.SUCCEEDED)
         assert response.ok
         assert response.error is None
         assert response.stages["optional"].status is pk.Status.FAILED
@@ -394,223 +346,218 @@ class TestContinueOnError:
         assert transitive.status is pk.Status.SKIPPED
         assert transitive.reason is not None
         assert "'needs_it'" in transitive.reason
-        assert log == ["independent"]
+        assert [m.call_count for m in (needs_it, needs_that, independent)] == [0, 0, 1]
 
+    @fake_clock
     async def test_other_branches_keep_running(self) -> None:
         """A failure on one branch does not stop a concurrent branch that is still running."""
-        log: list[str] = []
-        failing_now = anyio.Event()
-
-        async def bad(ctx: pk.StageContext) -> None:
-            failing_now.set()
-            raise ValueError("x")
-
-        async def good(ctx: pk.StageContext) -> int:
-            await failing_now.wait()
-            for _ in range(10):
-                await anyio.lowlevel.checkpoint()
-            log.append("good")
-            return 1
-
+        good = MockStage("good", output=1, delay=2)
+        bad = MockStage("bad", error=ValueError("x"), delay=1)
+        after_good = MockStage("after_good")
         pipeline = (
             pk.Pipeline("p")
-            .add_parallel_stages(named("good", good), named("bad", bad), continue_on_error=True)
-            .add_stage(recorder("after_good", log), depends_on=("good",))
+            .add_parallel_stages(good, bad, continue_on_error=True)
+            .add_stage(after_good, depends_on=("good",))
         )
-        with anyio.fail_after(5):
-            response = await pipeline.execute()
+        response = await pipeline.execute()
         assert response.ok
-        assert log == ["good", "after_good"]
+        assert response.stages["bad"].status is pk.Status.FAILED
+        assert response.stages["bad"].duration == 1  # failed at t=1, while "good" (started at 0) ran until 2
+        assert [call.time for call in good.calls] == [0]
+        assert [call.time for call in after_good.calls] == [2]
         assert response.outputs == {"good": 1, "after_good": None}
 
     async def test_stage_after_group_with_failure_skipped(self) -> None:
         """A stage after a group in which one continue_on_error stage failed is skipped."""
-        log: list[str] = []
+        good, after = MockStage("good"), MockStage("after")
         pipeline = (
             pk.Pipeline("p")
-            .add_parallel_stages(failing("bad", ValueError("x")), recorder("good", log), continue_on_error=True)
-            .add_stage(recorder("after", log))
+            .add_parallel_stages(MockStage("bad", error=ValueError("x")), good, continue_on_error=True)
+            .add_stage(after)
         )
         response = await pipeline.execute()
         assert response.stages["after"].status is pk.Status.SKIPPED
         assert "'bad'" in (response.stages["after"].reason or "")
-        assert log == ["good"]
+        assert (good.call_count, after.call_count) == (1, 0)
 
 
 class TestFailFast:
     """By default the first failure stops the run."""
 
+    @fake_clock
     async def test_failure_cancels_in_flight_siblings(self) -> None:
         """A failing stage cancels a running sibling (CANCELLED); later stages are SKIPPED with a reason."""
-        sibling_started = anyio.Event()
-        log: list[str] = []
-
-        async def fail_after_sibling(ctx: pk.StageContext) -> None:
-            await sibling_started.wait()
-            raise RuntimeError("boom")
-
+        sibling, later = MockStage("sibling", delay=HOUR), MockStage("later")
         pipeline = (
             pk.Pipeline("p")
-            .add_parallel_stages(named("bad", fail_after_sibling), hanging("sibling", sibling_started))
-            .add_stage(recorder("later", log))
+            .add_parallel_stages(MockStage("bad", error=RuntimeError("boom"), delay=1), sibling)
+            .add_stage(later)
         )
-        with anyio.fail_after(5):
-            response = await pipeline.execute()
-        assert response.status is pk.Status.FAILED
+        response = await pipeline.execute()
+        assert_status(response, pk.Status.FAILED)
         assert isinstance(response.error, pk.StageFailedError)
         assert response.error.stage == "bad"
         assert response.stages["bad"].status is pk.Status.FAILED
-        sibling = response.stages["sibling"]
-        assert sibling.status is pk.Status.CANCELLED
-        assert "'bad'" in (sibling.reason or "")
-        later = response.stages["later"]
-        assert later.status is pk.Status.SKIPPED
-        assert later.reason is not None
-        assert "not started" in later.reason
-        assert "'bad'" in later.reason
-        assert later.attempts == 0
-        assert log == []
+        assert [call.time for call in sibling.calls] == [0]  # in flight when "bad" failed at t=1
+        result = response.stages["sibling"]
+        assert result.status is pk.Status.CANCELLED
+        assert "'bad'" in (result.reason or "")
+        assert result.duration == 1
+        skipped = response.stages["later"]
+        assert skipped.status is pk.Status.SKIPPED
+        assert skipped.reason is not None
+        assert "not started" in skipped.reason
+        assert "'bad'" in skipped.reason
+        assert skipped.attempts == 0
+        assert later.calls == []
+        assert response.duration == 1
 
+    @fake_clock
     async def test_failure_cancels_other_branch(self) -> None:
         """A failure in one DAG branch cancels a running independent branch."""
-        started = anyio.Event()
-
-        async def fail_later(ctx: pk.StageContext) -> None:
-            await started.wait()
-            raise ValueError("nope")
-
+        slow = MockStage("slow", delay=HOUR)
         pipeline = (
             pk.Pipeline("p")
-            .add_stage(hanging("slow", started), depends_on=())
-            .add_stage(named("bad", fail_later), depends_on=())
-        )
-        with anyio.fail_after(5):
-            response = await pipeline.execute()
-        assert response.stages["slow"].status is pk.Status.CANCELLED
-        assert response.stages["bad"].status is pk.Status.FAILED
-
-    async def test_sequential_failure_skips_rest(self) -> None:
-        """After a failure in a chain no later stage runs."""
-        log: list[str] = []
-        pipeline = (
-            pk.Pipeline("p")
-            .add_stage(recorder("a", log, 1))
-            .add_stage(failing("b", KeyError("k")))
-            .add_stage(recorder("c", log))
+            .add_stage(slow, depends_on=())
+            .add_stage(MockStage("bad", error=ValueError("nope"), delay=1), depends_on=())
         )
         response = await pipeline.execute()
-        assert log == ["a"]
+        assert response.stages["slow"].status is pk.Status.CANCELLED
+        assert response.stages["bad"].status is pk.Status.FAILED
+        assert [call.time for call in slow.calls] == [0]
+        assert response.duration == 1
+
+    async def test_sequential_failure_skips_rest(self) -> None:
+        """After a failure in a chain no later stage runs (the stage before it is compensated)."""
+        a, c = MockStage("a", output=1), MockStage("c")
+        pipeline = pk.Pipeline("p").add_stage(a).add_stage(MockStage("b", error=KeyError("k"))).add_stage(c)
+        response = await pipeline.execute()
+        assert (a.call_count, c.call_count) == (1, 0)
         assert [r.status for r in response.stages.values()] == [
-            pk.Status.SUCCEEDED,
+            pk.Status.ROLLED_BACK,
             pk.Status.FAILED,
             pk.Status.SKIPPED,
         ]
+        assert_rolled_back(response, ["a"])
         assert response.outputs == {"a": 1}
 
 
 class TestStageTimeout:
     """A stage's timeout bounds each attempt."""
 
+    @fake_clock
     async def test_attempt_timeout(self) -> None:
         """An attempt running past its timeout fails the stage as TIMED_OUT with StageTimeoutError."""
-        pipeline = pk.Pipeline("p").add_stage(hanging("slow"), timeout=0.05).add_stage(named("after", _noop))
-        with anyio.fail_after(5):
-            response = await pipeline.execute()
+        after = MockStage("after")
+        pipeline = pk.Pipeline("p").add_stage(MockStage("slow", delay=HOUR), timeout=30).add_stage(after)
+        response = await pipeline.execute()
         result = response.stages["slow"]
         assert result.status is pk.Status.TIMED_OUT
         assert isinstance(result.error, pk.StageTimeoutError)
-        assert response.status is pk.Status.TIMED_OUT
+        assert result.duration == 30
+        assert_status(response, pk.Status.TIMED_OUT)
         error = response.error
         assert isinstance(error, pk.StageTimeoutError)
         assert isinstance(error, pk.StageFailedError)
         assert isinstance(error, TimeoutError)
-        assert (error.stage, error.timeout, error.attempts) == ("slow", 0.05, 1)
+        assert (error.stage, error.timeout, error.attempts) == ("slow", 30, 1)
         assert "'slow'" in str(error)
         assert response.stages["after"].status is pk.Status.SKIPPED
-        assert response.duration < 1
+        assert after.calls == []
+        assert response.duration == 30
 
+    @fake_clock
     async def test_fast_stage_within_timeout(self) -> None:
         """A stage finishing within its timeout succeeds."""
-        pipeline = pk.Pipeline("p").add_stage(named("fast", _noop), timeout=5)
+        pipeline = pk.Pipeline("p").add_stage(MockStage("fast", delay=4), timeout=5)
         response = await pipeline.execute()
         assert response.ok
+        assert response.duration == 4
 
+    @fake_clock
     async def test_raise_for_status_raises_stage_timeout(self) -> None:
         """raise_for_status raises the StageTimeoutError, never a bare TimeoutError."""
-        pipeline = pk.Pipeline("p").add_stage(hanging("slow"), timeout=0.05)
-        with anyio.fail_after(5):
-            response = await pipeline.execute()
+        pipeline = pk.Pipeline("p").add_stage(MockStage("slow", delay=HOUR), timeout=30)
+        response = await pipeline.execute()
         with pytest.raises(pk.StageTimeoutError) as info:
             response.raise_for_status()
         assert type(info.value) is pk.StageTimeoutError
 
+    @fake_clock
     async def test_timeout_with_continue_on_error(self) -> None:
         """A timed-out continue_on_error stage is recorded and the run goes on."""
-        log: list[str] = []
+        other = MockStage("other")
         pipeline = (
             pk.Pipeline("p")
-            .add_stage(hanging("slow"), timeout=0.05, continue_on_error=True)
-            .add_stage(recorder("other", log), depends_on=())
+            .add_stage(MockStage("slow", delay=HOUR), timeout=30, continue_on_error=True)
+            .add_stage(other, depends_on=())
         )
-        with anyio.fail_after(5):
-            response = await pipeline.execute()
+        response = await pipeline.execute()
         assert response.ok
         assert response.stages["slow"].status is pk.Status.TIMED_OUT
-        assert log == ["other"]
+        assert other.call_count == 1
+        assert response.duration == 30
 
 
 class TestRunTimeout:
     """The pipeline timeout and the request timeout bound the whole run; the tighter wins."""
 
+    @fake_clock
     async def test_pipeline_timeout(self) -> None:
         """with_timeout ends an overlong run: TIMED_OUT with PipelineTimeoutError."""
         request = pk.PipelineRequest(id="r-9")
-        pipeline = pk.Pipeline("slowpoke").add_stage(hanging("slow")).add_stage(named("after", _noop))
-        with anyio.fail_after(5):
-            response = await pipeline.with_timeout(0.05).execute(request)
-        assert response.status is pk.Status.TIMED_OUT
+        after = MockStage("after")
+        pipeline = pk.Pipeline("slowpoke").add_stage(MockStage("slow", delay=HOUR)).add_stage(after)
+        response = await pipeline.with_timeout(30).execute(request)
+        assert_status(response, pk.Status.TIMED_OUT)
         error = response.error
         assert isinstance(error, pk.PipelineTimeoutError)
         assert isinstance(error, TimeoutError)
-        assert (error.pipeline, error.timeout, error.request_id) == ("slowpoke", 0.05, "r-9")
+        assert (error.pipeline, error.timeout, error.request_id) == ("slowpoke", 30, "r-9")
         assert response.stages["slow"].status is pk.Status.TIMED_OUT
-        after = response.stages["after"]
-        assert after.status is pk.Status.SKIPPED
-        assert "timed out" in (after.reason or "")
-        assert response.duration < 1
+        skipped = response.stages["after"]
+        assert skipped.status is pk.Status.SKIPPED
+        assert "timed out" in (skipped.reason or "")
+        assert after.calls == []
+        assert response.duration == 30
 
+    @fake_clock
     async def test_request_timeout(self) -> None:
         """RequestOptions(timeout=...) ends an overlong run the same way."""
-        pipeline = pk.Pipeline("p").add_stage(hanging("slow"))
-        with anyio.fail_after(5):
-            response = await pipeline.execute(timeout_request(0.05))
-        assert response.status is pk.Status.TIMED_OUT
+        pipeline = pk.Pipeline("p").add_stage(MockStage("slow", delay=HOUR))
+        response = await pipeline.execute(timeout_request(30))
+        assert_status(response, pk.Status.TIMED_OUT)
         assert isinstance(response.error, pk.PipelineTimeoutError)
-        assert response.error.timeout == 0.05
+        assert response.error.timeout == 30
+        assert response.duration == 30
 
-    @pytest.mark.parametrize(("pipeline_timeout", "request_timeout"), [(0.05, 30), (30, 0.05)])
+    @fake_clock
+    @pytest.mark.parametrize(("pipeline_timeout", "request_timeout"), [(30, 600), (600, 30)])
     async def test_tighter_timeout_wins(self, pipeline_timeout: float, request_timeout: float) -> None:
         """Whichever of the pipeline and request timeouts is tighter bounds the run."""
-        pipeline = pk.Pipeline("p").add_stage(hanging("slow")).with_timeout(pipeline_timeout)
-        with anyio.fail_after(5):
-            response = await pipeline.execute(timeout_request(request_timeout))
-        assert response.status is pk.Status.TIMED_OUT
+        pipeline = pk.Pipeline("p").add_stage(MockStage("slow", delay=HOUR)).with_timeout(pipeline_timeout)
+        response = await pipeline.execute(timeout_request(request_timeout))
+        assert_status(response, pk.Status.TIMED_OUT)
         assert isinstance(response.error, pk.PipelineTimeoutError)
-        assert response.error.timeout == 0.05
-        assert response.duration < 1
+        assert response.error.timeout == 30
+        assert response.duration == 30
 
+    @fake_clock
     async def test_run_timeout_interrupts_parallel_stages(self) -> None:
         """Every running stage is interrupted when the run times out."""
-        pipeline = pk.Pipeline("p").add_parallel_stages(hanging("a"), hanging("b")).with_timeout(0.05)
-        with anyio.fail_after(5):
-            response = await pipeline.execute()
+        a, b = MockStage("a", delay=HOUR), MockStage("b", delay=HOUR)
+        response = await pk.Pipeline("p").add_parallel_stages(a, b).with_timeout(30).execute()
         assert [r.status for r in response.stages.values()] == [pk.Status.TIMED_OUT, pk.Status.TIMED_OUT]
+        assert [call.time for call in (*a.calls, *b.calls)] == [0, 0]
+        assert response.duration == 30
 
+    @fake_clock
     async def test_run_within_timeout_succeeds(self) -> None:
         """A run finishing within its timeouts succeeds."""
-        pipeline = pk.Pipeline("p").add_stage(named("a", _noop)).with_timeout(5)
+        pipeline = pk.Pipeline("p").add_stage(MockStage("a", delay=4)).with_timeout(5)
         response = await pipeline.execute(timeout_request(5))
         assert response.ok
+        assert response.duration == 4
 
     @pytest.mark.parametrize("seconds", [0, -1])
     def test_bad_request_timeout_rejected(self, seconds: float) -> None:
@@ -619,62 +566,39 @@ class TestRunTimeout:
             pk.RequestOptions(timeout=seconds)
 
 
-class Checked(pk.BaseStage):
-    """A stage whose validate rejects the request when ``problem`` is set."""
-
-    def __init__(self, name: str, problem: str | None, log: list[str]) -> None:
-        super().__init__(name)
-        self.problem = problem
-        self.log = log
-
-    def validate(self, ctx: pk.StageContext) -> None:
-        self.log.append(f"validate {ctx.stage} dry_run={ctx.dry_run}")
-        if self.problem is not None:
-            raise pk.ValidationError(self.problem)
-
-    async def execute(self, ctx: pk.StageContext) -> str:
-        self.log.append(f"execute {ctx.stage}")
-        return ctx.stage
-
-
 class TestDryRun:
     """A dry run validates every stage, executes none, and reports all problems at once."""
 
     async def test_nothing_executes_and_every_stage_validated(self) -> None:
         """Every validate is called with ctx.dry_run true; no execute runs; the run succeeds."""
-        log: list[str] = []
-        pipeline = (
-            pk.Pipeline("p")
-            .add_stage(Checked("a", None, log))
-            .add_parallel_stages(Checked("b", None, log), Checked("c", None, log))
-            .add_conditional_stage(Checked("d", None, log), lambda ctx: False)
-        )
+        a, b, c, d = (MockStage(name, output=name) for name in "abcd")
+        pipeline = pk.Pipeline("p").add_stage(a).add_parallel_stages(b, c).add_conditional_stage(d, lambda ctx: False)
         response = await pipeline.execute(DRY_RUN)
         assert response.ok
-        assert sorted(log) == [f"validate {n} dry_run=True" for n in "abcd"]
+        assert [[call.dry_run for call in m.validations] for m in (a, b, c, d)] == [[True]] * 4
+        assert [m.calls for m in (a, b, c, d)] == [[]] * 4
         assert dict(response.outputs) == {}
         assert all(r.status is not pk.Status.SUCCEEDED for r in response.stages.values())
         assert all(r.attempts == 0 for r in response.stages.values())
 
     async def test_all_problems_reported_at_once(self) -> None:
         """Every failing validate is reported in one ValidationError with .errors."""
-        log: list[str] = []
-        pipeline = (
-            pk.Pipeline("p")
-            .add_stage(Checked("a", "a needs a token", log))
-            .add_stage(Checked("b", None, log))
-            .add_stage(Checked("c", "c needs a region", log))
-        )
+        stages = [
+            MockStage("a", validate_error="a needs a token"),
+            MockStage("b"),
+            MockStage("c", validate_error="c needs a region"),
+        ]
+        pipeline = pk.Pipeline("p").add_stage(stages[0]).add_stage(stages[1]).add_stage(stages[2])
         response = await pipeline.execute(DRY_RUN)
         assert not response.ok
-        assert response.status is pk.Status.FAILED
+        assert_status(response, pk.Status.FAILED)
         error = response.error
         assert isinstance(error, pk.ValidationError)
         assert len(error.errors) == 2
         assert [e.stage for e in error.errors] == ["a", "c"]
         assert "a needs a token" in str(error)
         assert "c needs a region" in str(error)
-        assert not [entry for entry in log if entry.startswith("execute")]
+        assert [(len(m.validations), m.call_count) for m in stages] == [(1, 0)] * 3
         assert response.stages["a"].status is pk.Status.FAILED
         assert response.stages["c"].status is pk.Status.FAILED
         assert response.stages["b"].status is not pk.Status.FAILED
@@ -683,18 +607,8 @@ class TestDryRun:
 
     async def test_unexpected_validate_error_reported(self) -> None:
         """A validate raising something other than ValidationError is reported as a problem too."""
-
-        class Broken(pk.BaseStage):
-            name = "broken"
-
-            def validate(self, ctx: pk.StageContext) -> None:
-                raise LookupError("config missing")
-
-            async def execute(self, ctx: pk.StageContext) -> None:
-                return None
-
-        log: list[str] = []
-        pipeline = pk.Pipeline("p").add_stage(Broken()).add_stage(Checked("other", "other is wrong", log))
+        broken = MockStage("broken", validate_error=LookupError("config missing"))
+        pipeline = pk.Pipeline("p").add_stage(broken).add_stage(MockStage("other", validate_error="other is wrong"))
         response = await pipeline.execute(DRY_RUN)
         assert isinstance(response.error, pk.ValidationError)
         assert len(response.error.errors) == 2
@@ -702,37 +616,38 @@ class TestDryRun:
 
     async def test_nested_pipeline_problems_included(self) -> None:
         """Problems inside a nested pipeline are reported individually in the outer dry run."""
-        log: list[str] = []
-        inner = pk.Pipeline("inner").add_stage(Checked("x", "x broken", log)).add_stage(Checked("y", "y broken", log))
-        outer = pk.Pipeline("outer").add_stage(Checked("a", "a broken", log)).add_stage(inner)
+        x, y = MockStage("x", validate_error="x broken"), MockStage("y", validate_error="y broken")
+        a = MockStage("a", validate_error="a broken")
+        inner = pk.Pipeline("inner").add_stage(x).add_stage(y)
+        outer = pk.Pipeline("outer").add_stage(a).add_stage(inner)
         response = await outer.execute(DRY_RUN)
         assert isinstance(response.error, pk.ValidationError)
         assert len(response.error.errors) == 3
-        assert not [entry for entry in log if entry.startswith("execute")]
+        assert [m.calls for m in (x, y, a)] == [[]] * 3
 
     async def test_dry_run_reports_definition_problems_with_the_rest(self) -> None:
         """A broken definition is one more problem in the dry run's report; every stage is still validated."""
-        log: list[str] = []
+        journal: list[str] = []
         pipeline = (
             pk.Pipeline("p")
-            .add_stage(Checked("a", None, log), depends_on=("missing",))
-            .add_stage(Checked("b", "no credentials", log))
+            .add_stage(Journaled("a", journal), depends_on=("missing",))
+            .add_stage(Journaled("b", journal, validate_error="no credentials"))
         )
         response = await pipeline.execute(DRY_RUN)
-        assert response.status is pk.Status.FAILED
+        assert_status(response, pk.Status.FAILED)
         assert isinstance(response.error, pk.ValidationError)
         messages = [str(e) for e in response.error.errors]
         assert messages == ["pipeline 'p': stage 'a' depends on unknown stage 'missing'", "stage 'b': no credentials"]
         assert isinstance(response.error.errors[0].__cause__, pk.PipelineDefinitionError)
-        assert log == ["validate a dry_run=True", "validate b dry_run=True"]
+        assert journal == ["validate a dry_run=True", "validate b dry_run=True"]
 
     async def test_broken_definition_still_raises_outside_dry_runs(self) -> None:
         """Outside a dry run, a broken definition raises before anything runs."""
-        log: list[str] = []
-        pipeline = pk.Pipeline("p").add_stage(Checked("a", None, log), depends_on=("missing",))
+        a = MockStage("a")
+        pipeline = pk.Pipeline("p").add_stage(a, depends_on=("missing",))
         with pytest.raises(pk.PipelineDefinitionError, match="'missing'"):
             await pipeline.execute()
-        assert log == []
+        assert (a.validations, a.calls) == ([], [])
 
 
 class TestValidate:
@@ -740,29 +655,27 @@ class TestValidate:
 
     async def test_validate_before_execute(self) -> None:
         """Each stage is validated just before it executes, with ctx.dry_run false."""
-        log: list[str] = []
-        pipeline = pk.Pipeline("p").add_stage(Checked("a", None, log)).add_stage(Checked("b", None, log))
+        journal: list[str] = []
+        pipeline = pk.Pipeline("p").add_stage(Journaled("a", journal)).add_stage(Journaled("b", journal))
         response = await pipeline.execute()
         assert response.ok
-        assert log == ["validate a dry_run=False", "execute a", "validate b dry_run=False", "execute b"]
+        assert journal == ["validate a dry_run=False", "execute a", "validate b dry_run=False", "execute b"]
 
+    @fake_clock
     async def test_validation_error_fails_stage_without_retry(self) -> None:
         """A ValidationError from validate fails the stage; it is not retried and never executed."""
-        log: list[str] = []
-        delays: list[float] = []
-
-        async def sleep(seconds: float) -> None:
-            delays.append(seconds)
-
-        stage = Checked("a", "bad request", log)
-        pipeline = pk.Pipeline("p").add_stage(stage, retry=pk.RetryPolicy(max_attempts=3, sleep=sleep))
-        response = await pipeline.execute()
-        assert log == ["validate a dry_run=False"]
-        assert delays == []
+        stage = MockStage("a", validate_error="bad request")
+        pipeline = pk.Pipeline("p").add_stage(stage, retry=pk.RetryPolicy(max_attempts=3))
+        with capture_events() as events:
+            response = await pipeline.execute()
+        assert [call.dry_run for call in stage.validations] == [False]
+        assert stage.calls == []
+        assert events.of(pk.StageRetrying) == []
+        assert response.duration == 0  # no back-off slept
         result = response.stages["a"]
         assert result.status is pk.Status.FAILED
         assert isinstance(result.error, pk.ValidationError)
-        assert response.status is pk.Status.FAILED
+        assert_status(response, pk.Status.FAILED)
         assert isinstance(response.error, pk.StageFailedError)
         assert response.error.__cause__ is result.error
         assert "bad request" in str(response.error)
@@ -793,9 +706,8 @@ class TestResponse:
 
     async def test_success_fields(self) -> None:
         """A successful run: ok, outputs, per-stage results, timestamps and duration."""
-        log: list[str] = []
         request = pk.PipelineRequest(id="req-42", input={"x": 1})
-        pipeline = pk.Pipeline("report").add_stage(recorder("a", log, "A")).add_stage(recorder("b", log, "B"))
+        pipeline = pk.Pipeline("report").add_stage(MockStage("a", output="A")).add_stage(MockStage("b", output="B"))
         response = await pipeline.execute(request)
         assert response.ok
         assert response.status is pk.Status.SUCCEEDED
@@ -822,10 +734,10 @@ class TestResponse:
     async def test_failure_fields(self) -> None:
         """A failed run: not ok, raise_for_status raises the response's error."""
         boom = ValueError("bad data")
-        pipeline = pk.Pipeline("p").add_stage(named("a", _noop)).add_stage(failing("b", boom))
+        pipeline = pk.Pipeline("p").add_stage(MockStage("a")).add_stage(MockStage("b", error=boom))
         response = await pipeline.execute()
         assert not response.ok
-        assert response.status is pk.Status.FAILED
+        assert_status(response, pk.Status.FAILED)
         with pytest.raises(pk.StageFailedError) as info:
             response.raise_for_status()
         assert info.value is response.error
@@ -834,13 +746,13 @@ class TestResponse:
 
     async def test_never_started_stage_has_no_times(self) -> None:
         """A stage that never started has no timestamps, zero attempts and zero duration."""
-        pipeline = pk.Pipeline("p").add_stage(failing("a", ValueError("x"))).add_stage(named("b", _noop))
+        pipeline = pk.Pipeline("p").add_stage(MockStage("a", error=ValueError("x"))).add_stage(MockStage("b"))
         result = (await pipeline.execute()).stages["b"]
         assert (result.started_at, result.finished_at, result.attempts, result.duration) == (None, None, 0, 0.0)
 
     async def test_outputs_and_stages_read_only(self) -> None:
         """The response's outputs and stages mappings cannot be changed."""
-        response = await pk.Pipeline("p").add_stage(named("a", _noop)).execute()
+        response = await pk.Pipeline("p").add_stage(MockStage("a")).execute()
         with pytest.raises(TypeError):
             response.outputs["a"] = 1  # type: ignore[index]
         with pytest.raises(TypeError):
@@ -848,7 +760,7 @@ class TestResponse:
 
     async def test_default_request_ids_unique(self) -> None:
         """Each run without an explicit request gets a fresh id."""
-        pipeline = pk.Pipeline("p").add_stage(named("a", _noop))
+        pipeline = pk.Pipeline("p").add_stage(MockStage("a"))
         first, second = await pipeline.execute(), await pipeline.execute()
         assert first.id
         assert first.id != second.id
@@ -857,9 +769,9 @@ class TestResponse:
         """summary() names the pipeline, its status, every stage with its status, and the error."""
         pipeline = (
             pk.Pipeline("nightly")
-            .add_stage(named("fetch", _noop))
-            .add_stage(failing("parse", ValueError("bad row 7")))
-            .add_stage(named("store", _noop))
+            .add_stage(MockStage("fetch"))
+            .add_stage(MockStage("parse", error=ValueError("bad row 7")))
+            .add_stage(MockStage("store"))
         )
         response = await pipeline.execute()
         summary = response.summary()
@@ -870,7 +782,7 @@ class TestResponse:
         fetch = next(line for line in lines if "fetch" in line)
         parse = next(line for line in lines if "parse" in line)
         store = next(line for line in lines if "store" in line)
-        assert "succeeded" in fetch
+        assert "rolled_back" in fetch  # it succeeded, then was compensated
         assert "failed" in parse
         assert "bad row 7" in parse
         assert "skipped" in store
@@ -916,8 +828,8 @@ class TestSyncRun:
 
     def test_run_reports_failure_without_raising(self) -> None:
         """pk.run returns a failed response rather than raising."""
-        response = pk.run(pk.Pipeline("p").add_stage(failing("bad", ValueError("x"))), backend="trio")
-        assert response.status is pk.Status.FAILED
+        response = pk.run(pk.Pipeline("p").add_stage(MockStage("bad", error=ValueError("x"))), backend="trio")
+        assert_status(response, pk.Status.FAILED)
 
 
 class TestBaseStage:
@@ -962,11 +874,11 @@ class TestBaseStage:
             async def rollback(self, ctx: pk.StageContext) -> None:
                 log.append(f"undo {ctx.outputs['create']}")
 
-        pipeline = pk.Pipeline("p").add_stage(Create()).add_stage(failing("boom", RuntimeError("x")))
+        pipeline = pk.Pipeline("p").add_stage(Create()).add_stage(MockStage("boom", error=RuntimeError("x")))
         response = await pipeline.execute()
         assert log == ["create", "undo id-1"]
         assert response.stages["create"].status is pk.Status.ROLLED_BACK
-        assert response.stages["create"].rolled_back
+        assert_rolled_back(response, ["create"])
 
     async def test_default_validate_and_rollback_are_noops(self) -> None:
         """BaseStage's own validate accepts everything and its rollback does nothing."""
@@ -977,10 +889,11 @@ class TestBaseStage:
             async def execute(self, ctx: pk.StageContext) -> int:
                 return 1
 
-        pipeline = pk.Pipeline("p").add_stage(Plain()).add_stage(failing("boom", RuntimeError("x")))
+        pipeline = pk.Pipeline("p").add_stage(Plain()).add_stage(MockStage("boom", error=RuntimeError("x")))
         response = await pipeline.execute()
         assert response.stages["plain"].status is pk.Status.SUCCEEDED
         assert not response.stages["plain"].rolled_back
+        assert_rolled_back(response, [])
         assert (await pk.Pipeline("q").add_stage(Plain()).execute(DRY_RUN)).ok
 
     def test_execute_is_required(self) -> None:
@@ -1031,11 +944,11 @@ class TestStageDecorator:
             log.append("create")
             return "u1"
 
-        pipeline = pk.Pipeline("p").add_stage(create_user).add_stage(failing("email", OSError("smtp down")))
+        pipeline = pk.Pipeline("p").add_stage(create_user).add_stage(MockStage("email", error=OSError("smtp down")))
         response = await pipeline.execute()
         assert log == ["create", "undo create-user"]
         assert response.stages["create-user"].status is pk.Status.ROLLED_BACK
-        assert response.stages["create-user"].rolled_back
+        assert_rolled_back(response, ["create-user"])
 
     async def test_rollback_not_called_on_success(self) -> None:
         """rollback= is not called when the run succeeds."""
@@ -1055,16 +968,14 @@ class TestStageDecorator:
 class TestStageFailedError:
     """The error a failed stage produces."""
 
+    @fake_clock
     async def test_attributes_and_cause(self) -> None:
         """StageFailedError has .stage, .attempts and the original exception as __cause__."""
         boom = ConnectionError("refused")
-        delays: list[float] = []
-
-        async def sleep(seconds: float) -> None:
-            delays.append(seconds)
-
-        policy = pk.RetryPolicy(max_attempts=2, jitter=0, sleep=sleep)
-        response = await pk.Pipeline("p").add_stage(failing("connect", boom), retry=policy).execute()
+        connect = MockStage("connect", error=boom)
+        policy = pk.RetryPolicy(max_attempts=2, jitter=0)
+        response = await pk.Pipeline("p").add_stage(connect, retry=policy).execute()
+        assert [(call.attempt, call.time) for call in connect.calls] == [(1, 0), (2, 1)]
         error = response.error
         assert isinstance(error, pk.StageFailedError)
         assert isinstance(error, pk.PipekitError)
@@ -1085,44 +996,37 @@ class TestNested:
 
     async def test_success_outputs(self) -> None:
         """The nested stage's output maps the inner stages to their outputs."""
-        log: list[str] = []
-        inner = (
-            pk.Pipeline("inner")
-            .add_stage(recorder("x", log, 1))
-            .add_parallel_stages(recorder("y", log, 2), recorder("z", log, 3))
-        )
-        outer = pk.Pipeline("outer").add_stage(recorder("before", log, 0)).add_stage(inner)
-        outer = outer.add_stage(recorder("after", log, 4))
+        x, after = MockStage("x", output=1), MockStage("after", output=4)
+        y, z = MockStage("y", output=2), MockStage("z", output=3)
+        inner = pk.Pipeline("inner").add_stage(x).add_parallel_stages(y, z)
+        outer = pk.Pipeline("outer").add_stage(MockStage("before", output=0)).add_stage(inner).add_stage(after)
         response = await outer.execute()
         assert response.ok, response.summary()
         assert response.outputs["inner"] == {"x": 1, "y": 2, "z": 3}
-        assert log[0] == "before"
-        assert log[-1] == "after"
+        assert_stage_order(response, ["before", "inner", "after"])
+        assert [dict(call.outputs) for call in x.calls] == [{"before": 0}]
+        assert [dict(call.outputs) for call in after.calls] == [{"before": 0, "inner": {"x": 1, "y": 2, "z": 3}}]
         assert response.stages["inner"].status is pk.Status.SUCCEEDED
 
     async def test_inner_sees_outer_outputs(self) -> None:
         """Inner stages read outputs of outer stages that ran before."""
-        seen: list[Any] = []
-
-        async def read(ctx: pk.StageContext) -> None:
-            seen.append(ctx.outputs["before"])
-
-        inner = pk.Pipeline("inner").add_stage(named("read", read))
-        outer = pk.Pipeline("outer").add_stage(named("before", _const("hello"))).add_stage(inner)
+        read = MockStage("read")
+        inner = pk.Pipeline("inner").add_stage(read)
+        outer = pk.Pipeline("outer").add_stage(MockStage("before", output="hello")).add_stage(inner)
         assert (await outer.execute()).ok
-        assert seen == ["hello"]
+        assert [call.outputs["before"] for call in read.calls] == ["hello"]
 
     async def test_failure(self) -> None:
         """An inner failure fails the nested stage and the outer run; the cause chain reaches the original."""
         boom = RuntimeError("inner broke")
-        log: list[str] = []
-        inner = pk.Pipeline("inner").add_stage(recorder("x", log)).add_stage(failing("y", boom))
-        outer = pk.Pipeline("outer").add_stage(inner).add_stage(recorder("after", log))
+        x, after = MockStage("x"), MockStage("after")
+        inner = pk.Pipeline("inner").add_stage(x).add_stage(MockStage("y", error=boom))
+        outer = pk.Pipeline("outer").add_stage(inner).add_stage(after)
         response = await outer.execute()
-        assert response.status is pk.Status.FAILED
+        assert_status(response, pk.Status.FAILED)
         assert response.stages["inner"].status is pk.Status.FAILED
         assert response.stages["after"].status is pk.Status.SKIPPED
-        assert log == ["x"]
+        assert (x.call_count, after.call_count) == (1, 0)
         error = response.error
         assert isinstance(error, pk.StageFailedError)
         assert error.stage == "inner"
@@ -1131,24 +1035,26 @@ class TestNested:
         assert inner_error.stage == "y"
         assert inner_error.__cause__ is boom
 
+    @fake_clock
     async def test_stage_timeout_bounds_nested_pipeline(self) -> None:
         """A timeout given to the nested stage bounds the whole inner run: StageTimeoutError, TIMED_OUT."""
-        inner = pk.Pipeline("inner").add_stage(named("quick", _noop)).add_stage(hanging("stuck"))
-        outer = pk.Pipeline("outer").add_stage(inner, timeout=0.05)
-        with anyio.fail_after(5):
-            response = await outer.execute()
-        assert response.status is pk.Status.TIMED_OUT
+        stuck = MockStage("stuck", delay=HOUR)
+        inner = pk.Pipeline("inner").add_stage(MockStage("quick", delay=10)).add_stage(stuck)
+        outer = pk.Pipeline("outer").add_stage(inner, timeout=30)
+        response = await outer.execute()
+        assert_status(response, pk.Status.TIMED_OUT)
         assert response.stages["inner"].status is pk.Status.TIMED_OUT
         assert isinstance(response.error, pk.StageTimeoutError)
         assert response.error.stage == "inner"
+        assert [call.time for call in stuck.calls] == [10]  # the inner stages share the budget
+        assert response.duration == 30
 
     async def test_failure_with_continue_on_error(self) -> None:
         """A failing nested pipeline added with continue_on_error lets the outer run go on."""
-        log: list[str] = []
-        inner = pk.Pipeline("inner").add_stage(failing("y", ValueError("x")))
-        outer = pk.Pipeline("outer").add_stage(inner, continue_on_error=True)
-        outer = outer.add_stage(recorder("other", log), depends_on=())
+        other = MockStage("other")
+        inner = pk.Pipeline("inner").add_stage(MockStage("y", error=ValueError("x")))
+        outer = pk.Pipeline("outer").add_stage(inner, continue_on_error=True).add_stage(other, depends_on=())
         response = await outer.execute()
         assert response.ok
         assert response.stages["inner"].status is pk.Status.FAILED
-        assert log == ["other"]
+        assert other.call_count == 1

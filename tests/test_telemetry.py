@@ -1,4 +1,4 @@
-"""OpenTelemetry spans and metrics and structlog logs of runs, on private in-memory SDK providers."""
+"""OpenTelemetry spans and metrics and structlog logs of runs, captured with `pipekit.testing`."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import os
 import re
 import subprocess
 import sys
-from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -17,23 +17,24 @@ import anyio.lowlevel
 import pytest
 from opentelemetry import context as otel_context
 from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import (
-    Histogram,
-    HistogramDataPoint,
-    InMemoryMetricReader,
-    Metric,
-    NumberDataPoint,
-    Sum,
-)
+from opentelemetry.sdk.metrics.export import Histogram, InMemoryMetricReader, Metric, Sum
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, Sampler
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 from opentelemetry.trace import SpanContext, StatusCode, Tracer
-from structlog.testing import capture_logs
 
 import pipekit as pk
 from pipekit.telemetry import INSTRUMENTS
+from pipekit.testing import (
+    FakeClock,
+    MockStage,
+    MockStageError,
+    SpanCapture,
+    assert_rolled_back,
+    assert_span_tree,
+    capture_logs,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -57,16 +58,18 @@ HEX16 = re.compile(r"[0-9a-f]{16}")
 StageFunction = Callable[[pk.StageContext], Awaitable[Any]]
 UndoFunction = Callable[[pk.StageContext], Awaitable[None]]
 
+#: A jitter-free policy: retries after 0.5 s, then 1.0 s (use it on the fake clock).
+RETRY = pk.RetryPolicy(max_attempts=3, initial_delay=0.5, multiplier=2, jitter=0)
+
+#: The fake clock on the backends conftest.py runs every test on (asyncio in debug mode, trio).
+on_fake_clock = pytest.mark.pipekit_clock(backends=[("asyncio", {"debug": True}), "trio"])
+
 
 # -- errors and stages -------------------------------------------------------------
 
 
 class BoomError(Exception):
     """The failure a test stage raises."""
-
-
-class FlakyError(Exception):
-    """The failure a flaky stage raises before it succeeds."""
 
 
 class UndoError(Exception):
@@ -78,73 +81,28 @@ def qualified(cls: type[BaseException]) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
-async def succeed(ctx: pk.StageContext) -> str:
-    """A stage body that yields once and returns its stage's name."""
-    await anyio.lowlevel.checkpoint()
-    return ctx.stage
-
-
-async def boom(ctx: pk.StageContext) -> None:
-    """A stage body raising BoomError."""
-    await anyio.lowlevel.checkpoint()
-    raise BoomError(f"{ctx.stage} broke")
-
-
-async def undo_ok(ctx: pk.StageContext) -> None:
-    """A rollback that succeeds."""
-    await anyio.lowlevel.checkpoint()
-
-
-async def undo_fails(ctx: pk.StageContext) -> None:
-    """A rollback raising UndoError."""
-    await anyio.lowlevel.checkpoint()
-    raise UndoError(f"cannot undo {ctx.stage}")
-
-
-def ok(name: str, *, undo: UndoFunction | None = None) -> pk.FunctionStage:
-    """A stage that succeeds (and rolls back with ``undo``, when given)."""
-    return pk.FunctionStage(name=name, fn=succeed, rollback_fn=undo)
-
-
-def failing(name: str) -> pk.FunctionStage:
-    """A stage that raises BoomError."""
-    return pk.FunctionStage(name=name, fn=boom)
+def planned_failure(stage: str, call: int, of: int) -> str:
+    """The message of a `MockStage`'s planned failure (``fail_times``)."""
+    return f"{stage} failed as planned (call {call} of {of})"
 
 
 def make(name: str, fn: StageFunction, *, undo: UndoFunction | None = None) -> pk.FunctionStage:
-    """A stage running ``fn``."""
+    """A stage running ``fn`` (and rolling back with ``undo``, when given)."""
     return pk.FunctionStage(name=name, fn=fn, rollback_fn=undo)
 
 
-class Flaky:
-    """A stage body that fails its first ``failures`` calls with FlakyError, then returns the attempt."""
+def without_rollback(mock: MockStage) -> pk.FunctionStage:
+    """``mock`` as a stage with no rollback, so a failing run does not compensate it.
 
-    def __init__(self, failures: int) -> None:
-        self.failures = failures
-        self.calls = 0
-
-    async def __call__(self, ctx: pk.StageContext) -> int:
-        await anyio.lowlevel.checkpoint()
-        self.calls += 1
-        if self.calls <= self.failures:
-            raise FlakyError(f"attempt {ctx.attempt} failed")
-        return ctx.attempt
+    A `MockStage` always has a rollback; this keeps its recording and its
+    failure plan (it runs the mock's ``execute``) without one.
+    """
+    return make(mock.name, mock.execute)
 
 
-class FakeSleep:
-    """A retry sleep that records the delays and never waits."""
-
-    def __init__(self) -> None:
-        self.delays: list[float] = []
-
-    async def __call__(self, seconds: float) -> None:
-        self.delays.append(seconds)
-        await anyio.lowlevel.checkpoint()
-
-
-def retrying(sleep: FakeSleep, attempts: int = 3) -> pk.RetryPolicy:
-    """A jitter-free policy (delays 0.5, 1.0, ...) that sleeps with ``sleep``."""
-    return pk.RetryPolicy(max_attempts=attempts, initial_delay=0.5, multiplier=2, jitter=0, sleep=sleep)
+def plain(name: str) -> pk.FunctionStage:
+    """A stage with no rollback returning its name (a `MockStage`'s execute)."""
+    return without_rollback(MockStage(name, output=name))
 
 
 class Gate:
@@ -161,7 +119,7 @@ class Gate:
 
 
 async def hang(ctx: pk.StageContext) -> None:
-    """A stage body (or rollback) that never finishes on its own."""
+    """A rollback that never finishes on its own (a MockStage's rollback can fail, not hang)."""
     await anyio.sleep_forever()
 
 
@@ -186,115 +144,88 @@ def hex_ids(span: ReadableSpan) -> tuple[str, str]:
     return f"{context.trace_id:032x}", f"{context.span_id:016x}"
 
 
-class SpanTree:
-    """Finished spans keyed by name, with their parent and children (also by name).
+def trace_ids(spans: SpanCapture) -> set[int]:
+    """The trace ids the captured spans belong to."""
+    return {context_of(span).trace_id for span in spans.spans}
 
-    Names must be unique among the spans given. A span whose parent is not
-    among them (a root, or a remote parent) has no parent in the tree.
+
+def user_tracer(spans: SpanCapture) -> Tracer:
+    """A tracer on the capture's provider, for spans opened by "user code"."""
+    return spans.tracer_provider.get_tracer("tests.user")
+
+
+# -- running with the captured providers ---------------------------------------------
+
+
+async def execute(
+    spans: SpanCapture,
+    pipeline: pk.Pipeline,
+    request: pk.PipelineRequest | None = None,
+    *,
+    tracer_provider: TracerProvider | None = None,
+    meter_provider: MeterProvider | None = None,
+) -> pk.PipelineResponse:
+    """Run ``pipeline`` with the capture's providers (or those given), bounded by 5 s."""
+    with anyio.fail_after(5):
+        return await pipeline.execute(
+            request,
+            tracer_provider=spans.tracer_provider if tracer_provider is None else tracer_provider,
+            meter_provider=spans.meter_provider if meter_provider is None else meter_provider,
+        )
+
+
+def engine_for(spans: SpanCapture, *, meter_provider: MeterProvider | None = None, **options: Any) -> pk.Engine:
+    """An engine recording to the capture's providers (or the meter provider given)."""
+    return pk.Engine(
+        tracer_provider=spans.tracer_provider,
+        meter_provider=spans.meter_provider if meter_provider is None else meter_provider,
+        **options,
+    )
+
+
+MetricPoints = list[tuple[dict[str, Any], Any]]
+
+
+def totals(points: MetricPoints, *keys: str) -> dict[tuple[Any, ...], float]:
+    """Metric points (``SpanCapture.metric_points``: value, or histogram count) summed by the attributes ``keys``."""
+    found: dict[tuple[Any, ...], float] = {}
+    for point_attributes, value in points:
+        key = tuple(point_attributes.get(k) for k in keys)
+        found[key] = found.get(key, 0) + value
+    return found
+
+
+class SdkMetrics:
+    """A private meter provider read in memory, for what `SpanCapture` does not show.
+
+    ``SpanCapture.metric_points`` gives a histogram's count but not its sum,
+    nor an instrument's kind, unit or monotonicity; the tests of those pass
+    this provider as ``meter_provider=`` (their spans still go to the capture).
     """
 
-    def __init__(self, spans: Sequence[ReadableSpan]) -> None:
-        self.spans = tuple(spans)
-        self._by_name: dict[str, ReadableSpan] = {}
-        for span in self.spans:
-            assert span.name not in self._by_name, f"two spans named {span.name!r}"
-            self._by_name[span.name] = span
-        names_by_id = {context_of(span).span_id: span.name for span in self.spans}
-        self._parents: dict[str, str | None] = {}
-        self._children: dict[str, set[str]] = {name: set() for name in self._by_name}
-        for span in self.spans:
-            parent = names_by_id.get(span.parent.span_id) if span.parent is not None else None
-            self._parents[span.name] = parent
-            if parent is not None:
-                self._children[parent].add(span.name)
-
-    def __getitem__(self, name: str) -> ReadableSpan:
-        return self._by_name[name]
-
-    @property
-    def names(self) -> set[str]:
-        """Every span's name."""
-        return set(self._by_name)
-
-    def parent(self, name: str) -> str | None:
-        """The name of the span's parent, when the parent is in the tree."""
-        return self._parents[name]
-
-    def children(self, name: str) -> set[str]:
-        """The names of the span's children."""
-        return self._children[name]
-
-    def trace_ids(self) -> set[int]:
-        """The trace ids the spans belong to."""
-        return {context_of(span).trace_id for span in self.spans}
-
-
-# -- providers -----------------------------------------------------------------------
-
-
-class Telemetry:
-    """Private SDK tracer and meter providers with in-memory exporters; never installed globally."""
-
-    def __init__(self, sampler: Sampler | None = None) -> None:
-        self.exporter = InMemorySpanExporter()
-        self.tracer_provider = TracerProvider(sampler=sampler, shutdown_on_exit=False)
-        self.tracer_provider.add_span_processor(SimpleSpanProcessor(self.exporter))
+    def __init__(self) -> None:
         self.reader = InMemoryMetricReader()
         self.meter_provider = MeterProvider(metric_readers=[self.reader], shutdown_on_exit=False)
-
-    @property
-    def tracer(self) -> Tracer:
-        """A tracer on the private provider, for spans opened by "user code"."""
-        return self.tracer_provider.get_tracer("tests.user")
-
-    async def execute(self, pipeline: pk.Pipeline, request: pk.PipelineRequest | None = None) -> pk.PipelineResponse:
-        """Run ``pipeline`` with the private providers."""
-        with anyio.fail_after(5):
-            return await pipeline.execute(
-                request, tracer_provider=self.tracer_provider, meter_provider=self.meter_provider
-            )
-
-    def engine(self, **options: Any) -> pk.Engine:
-        """An engine recording to the private providers."""
-        return pk.Engine(tracer_provider=self.tracer_provider, meter_provider=self.meter_provider, **options)
-
-    def spans(self) -> tuple[ReadableSpan, ...]:
-        """Every finished span so far."""
-        return tuple(self.exporter.get_finished_spans())
-
-    def tree(self) -> SpanTree:
-        """The finished spans as a tree (names must be unique)."""
-        return SpanTree(self.spans())
 
     def metrics(self) -> dict[str, Metric]:
         """Every metric collected now, by instrument name."""
         data = self.reader.get_metrics_data()
         found: dict[str, Metric] = {}
-        if data is None:
-            return found
-        for resource_metrics in data.resource_metrics:
+        for resource_metrics in data.resource_metrics if data is not None else ():
             for scope_metrics in resource_metrics.scope_metrics:
                 for metric in scope_metrics.metrics:
                     assert metric.name not in found, f"instrument {metric.name!r} reported twice"
                     found[metric.name] = metric
         return found
 
-    def totals(self, name: str, *keys: str) -> dict[tuple[Any, ...], float]:
-        """Counter/up-down counter values (histogram counts) summed by the values of attributes ``keys``."""
+    def metric_points(self, name: str) -> MetricPoints:
+        """As ``SpanCapture.metric_points``: (attributes, value or histogram count) of metric ``name``."""
         metric = self.metrics().get(name)
-        if metric is None:
-            return {}
-        totals: dict[tuple[Any, ...], float] = {}
-        for point in metric.data.data_points:
-            point_attributes = point.attributes or {}
-            key = tuple(point_attributes.get(k) for k in keys)
-            if isinstance(point, HistogramDataPoint):
-                value: float = point.count
-            else:
-                assert isinstance(point, NumberDataPoint)
-                value = point.value
-            totals[key] = totals.get(key, 0) + value
-        return totals
+        points: MetricPoints = []
+        for point in metric.data.data_points if metric is not None else ():
+            value = getattr(point, "value", None)
+            points.append((dict(point.attributes or {}), value if value is not None else getattr(point, "count", None)))
+        return points
 
     def histogram_sum(self, name: str) -> float:
         """The sum of every value recorded on histogram ``name``."""
@@ -302,26 +233,34 @@ class Telemetry:
         assert isinstance(metric.data, Histogram)
         return sum(point.sum for point in metric.data.data_points)
 
-    def shutdown(self) -> None:
-        """Stop both providers."""
-        self.tracer_provider.shutdown()
-        self.meter_provider.shutdown()
+
+@pytest.fixture
+def sdk_metrics() -> Iterator[SdkMetrics]:
+    """A private in-memory meter provider, shut down after the test."""
+    found = SdkMetrics()
+    yield found
+    found.meter_provider.shutdown()
+
+
+class UnsampledTracing:
+    """A private tracer provider sampling nothing (ALWAYS_OFF), with an in-memory exporter.
+
+    ``capture_spans`` takes no sampler, so the tests of unsampled runs keep
+    this provider (their metrics still go to the capture's meter provider).
+    """
+
+    def __init__(self) -> None:
+        self.exporter = InMemorySpanExporter()
+        self.tracer_provider = TracerProvider(sampler=ALWAYS_OFF, shutdown_on_exit=False)
+        self.tracer_provider.add_span_processor(SimpleSpanProcessor(self.exporter))
 
 
 @pytest.fixture
-def tel() -> Iterator[Telemetry]:
-    """Private tracer and meter providers, shut down after the test."""
-    telemetry = Telemetry()
-    yield telemetry
-    telemetry.shutdown()
-
-
-@pytest.fixture
-def unsampled() -> Iterator[Telemetry]:
-    """Private providers whose tracer samples nothing (ALWAYS_OFF)."""
-    telemetry = Telemetry(sampler=ALWAYS_OFF)
-    yield telemetry
-    telemetry.shutdown()
+def unsampled() -> Iterator[UnsampledTracing]:
+    """A private tracer provider whose tracer samples nothing, shut down after the test."""
+    tracing = UnsampledTracing()
+    yield tracing
+    tracing.tracer_provider.shutdown()
 
 
 def run_python(code: str) -> Any:
@@ -341,30 +280,46 @@ def run_python(code: str) -> Any:
 class TestTraceShape:
     """One trace per execution: a pipeline span with a child span per stage."""
 
-    async def test_one_trace_per_execution(self, tel: Telemetry) -> None:
+    async def test_one_trace_per_execution(self, pipekit_spans: SpanCapture) -> None:
         """Two executions make two traces, each holding its own pipeline and stage spans."""
-        pipeline = pk.Pipeline("p").add_stage(ok("a")).add_stage(ok("b"))
-        first = await tel.execute(pipeline)
-        second = await tel.execute(pipeline)
+        pipeline = pk.Pipeline("p").add_stage(MockStage("a")).add_stage(MockStage("b"))
+        first = await execute(pipekit_spans, pipeline)
+        second = await execute(pipekit_spans, pipeline)
         names_by_trace: dict[int, set[str]] = {}
-        for span in tel.spans():
+        for span in pipekit_spans.spans:
             names_by_trace.setdefault(context_of(span).trace_id, set()).add(span.name)
         assert len(names_by_trace) == 2
         assert list(names_by_trace.values()) == [{"pipeline p", "stage a", "stage b"}] * 2
-        run_ids = {attributes(s)[REQUEST_ID] for s in tel.spans() if s.name == "pipeline p"}
+        assert_span_tree(
+            pipekit_spans,
+            """
+            pipeline p
+                stage a
+                stage b
+            pipeline p
+                stage a
+                stage b
+            """,
+        )
+        run_ids = {attributes(s)[REQUEST_ID] for s in pipekit_spans.spans if s.name == "pipeline p"}
         assert run_ids == {first.id, second.id}
 
-    async def test_stage_spans_are_children_of_the_pipeline_span(self, tel: Telemetry) -> None:
+    async def test_stage_spans_are_children_of_the_pipeline_span(self, pipekit_spans: SpanCapture) -> None:
         """The pipeline span is the root; each stage span is its direct child."""
-        response = await tel.execute(pk.Pipeline("p").add_stage(ok("a")).add_stage(ok("b")))
+        response = await execute(pipekit_spans, pk.Pipeline("p").add_stage(MockStage("a")).add_stage(MockStage("b")))
         assert response.ok
-        tree = tel.tree()
-        assert tree.names == {"pipeline p", "stage a", "stage b"}
-        assert tree["pipeline p"].parent is None
-        assert tree.children("pipeline p") == {"stage a", "stage b"}
-        assert len(tree.trace_ids()) == 1
+        assert_span_tree(
+            pipekit_spans,
+            """
+            pipeline p
+                stage a
+                stage b
+            """,
+        )
+        assert pipekit_spans.find("pipeline p").parent is None
+        assert len(trace_ids(pipekit_spans)) == 1
 
-    async def test_parallel_stages_are_siblings(self, tel: Telemetry) -> None:
+    async def test_parallel_stages_are_siblings(self, pipekit_spans: SpanCapture) -> None:
         """Stages running concurrently have overlapping spans, all children of the pipeline span."""
         left_started, right_started = anyio.Event(), anyio.Event()
 
@@ -378,15 +333,22 @@ class TestTraceShape:
 
         pipeline = (
             pk.Pipeline("p")
-            .add_stage(ok("first"))
+            .add_stage(MockStage("first"))
             .add_parallel_stages(make("left", left), make("right", right))
-            .add_stage(ok("last"))
+            .add_stage(MockStage("last"))
         )
-        assert (await tel.execute(pipeline)).ok
-        tree = tel.tree()
-        assert tree.children("pipeline p") == {"stage first", "stage left", "stage right", "stage last"}
-        assert tree.children("stage left") == tree.children("stage right") == set()
-        left_span, right_span = tree["stage left"], tree["stage right"]
+        assert (await execute(pipekit_spans, pipeline)).ok
+        assert_span_tree(
+            pipekit_spans,
+            """
+            pipeline p
+                stage first
+                stage left
+                stage right
+                stage last
+            """,
+        )
+        left_span, right_span = pipekit_spans.find("stage left"), pipekit_spans.find("stage right")
         assert left_span.start_time is not None
         assert right_span.start_time is not None
         assert left_span.end_time is not None
@@ -394,132 +356,175 @@ class TestTraceShape:
         assert left_span.start_time < right_span.end_time
         assert right_span.start_time < left_span.end_time
 
-    async def test_graph_stages_carry_their_dependencies(self, tel: Telemetry) -> None:
+    async def test_graph_stages_carry_their_dependencies(self, pipekit_spans: SpanCapture) -> None:
         """A stage's span names the stages it depends on; roots carry no dependency attribute."""
         pipeline = (
             pk.Pipeline("g")
-            .add_stage(ok("a"), depends_on=())
-            .add_stage(ok("b"), depends_on=())
-            .add_stage(ok("c"), depends_on=("a", "b"))
-            .add_stage(ok("d"), depends_on=("c",))
+            .add_stage(MockStage("a"), depends_on=())
+            .add_stage(MockStage("b"), depends_on=())
+            .add_stage(MockStage("c"), depends_on=("a", "b"))
+            .add_stage(MockStage("d"), depends_on=("c",))
         )
-        assert (await tel.execute(pipeline)).ok
-        tree = tel.tree()
-        assert tree.children("pipeline g") == {"stage a", "stage b", "stage c", "stage d"}
-        assert sorted(attributes(tree["stage c"])[DEPENDS_ON]) == ["a", "b"]
-        assert list(attributes(tree["stage d"])[DEPENDS_ON]) == ["c"]
-        assert DEPENDS_ON not in attributes(tree["stage a"])
-        assert DEPENDS_ON not in attributes(tree["stage b"])
+        assert (await execute(pipekit_spans, pipeline)).ok
+        assert_span_tree(
+            pipekit_spans,
+            """
+            pipeline g
+                stage a
+                stage b
+                stage c
+                stage d
+            """,
+        )
+        assert sorted(attributes(pipekit_spans.find("stage c"))[DEPENDS_ON]) == ["a", "b"]
+        assert list(attributes(pipekit_spans.find("stage d"))[DEPENDS_ON]) == ["c"]
+        assert DEPENDS_ON not in attributes(pipekit_spans.find("stage a"))
+        assert DEPENDS_ON not in attributes(pipekit_spans.find("stage b"))
 
-    async def test_user_spans_nest_under_the_stage_span(self, tel: Telemetry) -> None:
+    async def test_user_spans_nest_under_the_stage_span(self, pipekit_spans: SpanCapture) -> None:
         """A span opened inside a stage's execute is a child of that stage's span."""
-        tracer = tel.tracer
+        tracer = user_tracer(pipekit_spans)
 
         async def work(ctx: pk.StageContext) -> None:
             with tracer.start_as_current_span("user work"):
                 await anyio.lowlevel.checkpoint()
 
-        assert (await tel.execute(pk.Pipeline("p").add_stage(ok("a")).add_stage(make("b", work)))).ok
-        tree = tel.tree()
-        assert tree.parent("user work") == "stage b"
-        assert tree.parent("stage b") == "pipeline p"
-        assert len(tree.trace_ids()) == 1
+        pipeline = pk.Pipeline("p").add_stage(MockStage("a")).add_stage(make("b", work))
+        assert (await execute(pipekit_spans, pipeline)).ok
+        assert_span_tree(
+            pipekit_spans,
+            """
+            pipeline p
+                stage a
+                stage b
+                    user work
+            """,
+        )
+        assert len(trace_ids(pipekit_spans)) == 1
 
 
+@on_fake_clock
 class TestRetrySpans:
-    """A retried stage gets a span per attempt and a retry event per retry."""
+    """A retried stage gets a span per attempt and a retry event per retry (back-off on the fake clock)."""
 
-    async def test_attempt_spans_under_the_stage_span(self, tel: Telemetry) -> None:
+    async def test_attempt_spans_under_the_stage_span(self, pipekit_spans: SpanCapture) -> None:
         """Succeeding on attempt 3 leaves three attempt spans; the failed two are ERROR with the exception."""
-        flaky = Flaky(failures=2)
-        pipeline = pk.Pipeline("p").add_stage(make("flaky", flaky), retry=retrying(FakeSleep()))
-        response = await tel.execute(pipeline)
+        flaky = MockStage("flaky", output="done", fail_times=2)
+        response = await execute(pipekit_spans, pk.Pipeline("p").add_stage(flaky, retry=RETRY))
         assert response.ok
         assert response.stages["flaky"].attempts == 3
-        tree = tel.tree()
-        attempts = {f"stage flaky attempt {n}" for n in (1, 2, 3)}
-        assert tree.children("stage flaky") == attempts
-        assert tree.parent("stage flaky") == "pipeline p"
+        assert_span_tree(
+            pipekit_spans,
+            """
+            pipeline p
+                stage flaky
+                    stage flaky attempt 1 [ERROR]
+                    stage flaky attempt 2 [ERROR]
+                    stage flaky attempt 3
+            """,
+        )
         for n in (1, 2):
-            span = tree[f"stage flaky attempt {n}"]
+            span = pipekit_spans.find(f"stage flaky attempt {n}")
             assert span.status.status_code is StatusCode.ERROR
             exceptions = [e for e in span.events if e.name == "exception"]
             assert len(exceptions) == 1
-            assert (exceptions[0].attributes or {})["exception.message"] == f"attempt {n} failed"
-            assert attributes(span)[ERROR_TYPE] == qualified(FlakyError)
+            assert (exceptions[0].attributes or {})["exception.message"] == planned_failure("flaky", n, 2)
+            assert attributes(span)[ERROR_TYPE] == qualified(MockStageError)
             assert attributes(span)[ATTEMPT] == n
             assert attributes(span)[STAGE] == "flaky"
             assert attributes(span)[PIPELINE] == "p"
-        last = tree["stage flaky attempt 3"]
+        last = pipekit_spans.find("stage flaky attempt 3")
         assert last.status.status_code is not StatusCode.ERROR
         assert attributes(last)[ATTEMPT] == 3
-        stage_span = tree["stage flaky"]
+        stage_span = pipekit_spans.find("stage flaky")
         assert stage_span.status.status_code is not StatusCode.ERROR
         assert attributes(stage_span)[ATTEMPT] == 3
         assert attributes(stage_span)[STATUS] == "succeeded"
 
-    async def test_retry_events_on_the_stage_span(self, tel: Telemetry) -> None:
+    async def test_retry_events_on_the_stage_span(self, pipekit_spans: SpanCapture) -> None:
         """Each retry adds a ``retry`` event with the failed attempt, the delay and the error type."""
-        sleep = FakeSleep()
-        pipeline = pk.Pipeline("p").add_stage(make("flaky", Flaky(failures=2)), retry=retrying(sleep))
-        assert (await tel.execute(pipeline)).ok
-        assert sleep.delays == [0.5, 1.0]
-        retries = [e for e in tel.tree()["stage flaky"].events if e.name == "retry"]
+        flaky = MockStage("flaky", fail_times=2)
+        assert (await execute(pipekit_spans, pk.Pipeline("p").add_stage(flaky, retry=RETRY))).ok
+        # The back-off really waited 0.5 s then 1.0 s (on the fake clock) between the attempts.
+        assert [call.time for call in flaky.calls] == pytest.approx([0.0, 0.5, 1.5])
+        retries = [e for e in pipekit_spans.find("stage flaky").events if e.name == "retry"]
         assert len(retries) == 2
-        for n, (event, delay) in enumerate(zip(retries, sleep.delays, strict=True), start=1):
+        for n, (event, delay) in enumerate(zip(retries, [0.5, 1.0], strict=True), start=1):
             event_attributes = event.attributes or {}
             assert event_attributes[ATTEMPT] == n
             assert event_attributes[RETRY_DELAY] == delay
-            assert event_attributes[ERROR_TYPE] == qualified(FlakyError)
+            assert event_attributes[ERROR_TYPE] == qualified(MockStageError)
 
-    async def test_first_time_success_has_no_attempt_span(self, tel: Telemetry) -> None:
+    async def test_first_time_success_has_no_attempt_span(self, pipekit_spans: SpanCapture) -> None:
         """A stage with a retry policy that succeeds at once has no attempt span and no retry event."""
-        pipeline = pk.Pipeline("p").add_stage(make("steady", Flaky(failures=0)), retry=retrying(FakeSleep()))
-        assert (await tel.execute(pipeline)).ok
-        tree = tel.tree()
-        assert tree.names == {"pipeline p", "stage steady"}
-        assert tree.children("stage steady") == set()
-        assert [e.name for e in tree["stage steady"].events] == []
-        assert attributes(tree["stage steady"])[ATTEMPT] == 1
+        steady = MockStage("steady")
+        assert (await execute(pipekit_spans, pk.Pipeline("p").add_stage(steady, retry=RETRY))).ok
+        assert steady.call_count == 1
+        assert_span_tree(
+            pipekit_spans,
+            """
+            pipeline p
+                stage steady
+            """,
+        )
+        assert [e.name for e in pipekit_spans.find("stage steady").events] == []
+        assert attributes(pipekit_spans.find("stage steady"))[ATTEMPT] == 1
 
-    async def test_exhausted_retries_mark_every_attempt_and_the_stage(self, tel: Telemetry) -> None:
+    async def test_exhausted_retries_mark_every_attempt_and_the_stage(self, pipekit_spans: SpanCapture) -> None:
         """A stage failing all its attempts has ERROR attempt spans and an ERROR stage span."""
-        pipeline = pk.Pipeline("p").add_stage(make("flaky", Flaky(failures=5)), retry=retrying(FakeSleep()))
-        response = await tel.execute(pipeline)
+        flaky = MockStage("flaky", fail_times=5)
+        response = await execute(pipekit_spans, pk.Pipeline("p").add_stage(flaky, retry=RETRY))
         assert response.status is pk.Status.FAILED
-        tree = tel.tree()
-        assert tree.children("stage flaky") == {f"stage flaky attempt {n}" for n in (1, 2, 3)}
-        for n in (1, 2, 3):
-            assert tree[f"stage flaky attempt {n}"].status.status_code is StatusCode.ERROR
-        stage_span = tree["stage flaky"]
+        assert_span_tree(
+            pipekit_spans,
+            """
+            pipeline p [ERROR]
+                stage flaky [ERROR]
+                    stage flaky attempt 1 [ERROR]
+                    stage flaky attempt 2 [ERROR]
+                    stage flaky attempt 3 [ERROR]
+            """,
+        )
+        stage_span = pipekit_spans.find("stage flaky")
         assert stage_span.status.status_code is StatusCode.ERROR
         assert attributes(stage_span)[ATTEMPT] == 3
-        assert attributes(stage_span)[ERROR_TYPE] == qualified(FlakyError)
+        assert attributes(stage_span)[ERROR_TYPE] == qualified(MockStageError)
 
-    async def test_user_spans_in_a_retried_attempt_nest_under_its_attempt_span(self, tel: Telemetry) -> None:
+    async def test_user_spans_in_a_retried_attempt_nest_under_its_attempt_span(
+        self, pipekit_spans: SpanCapture
+    ) -> None:
         """A span opened during attempt 2 is a child of the ``attempt 2`` span."""
-        tracer = tel.tracer
-        flaky = Flaky(failures=1)
+        tracer = user_tracer(pipekit_spans)
+        flaky = MockStage("flaky", fail_times=1)
 
-        async def work(ctx: pk.StageContext) -> int:
+        async def work(ctx: pk.StageContext) -> Any:
             with tracer.start_as_current_span(f"user work {ctx.attempt}"):
-                return await flaky(ctx)
+                return await flaky.execute(ctx)
 
-        pipeline = pk.Pipeline("p").add_stage(make("flaky", work), retry=retrying(FakeSleep()))
-        assert (await tel.execute(pipeline)).ok
-        tree = tel.tree()
-        assert tree.parent("user work 2") == "stage flaky attempt 2"
-        assert tree.parent("stage flaky attempt 2") == "stage flaky"
+        assert (await execute(pipekit_spans, pk.Pipeline("p").add_stage(make("flaky", work), retry=RETRY))).ok
+        assert_span_tree(
+            pipekit_spans,
+            """
+            pipeline p
+                stage flaky
+                    stage flaky attempt 1 [ERROR]
+                    user work 1 [ERROR]
+                    stage flaky attempt 2
+                        user work 2
+            """,
+        )
+        # As documented: attempt 1's span is written once a retry happens, so
+        # spans opened during the first attempt sit beside it, under the stage span.
 
 
 class TestSpanAttributes:
     """Spans carry ``pipekit.*`` attributes; failures are recorded as errors."""
 
-    async def test_pipeline_span_attributes(self, tel: Telemetry) -> None:
+    async def test_pipeline_span_attributes(self, pipekit_spans: SpanCapture) -> None:
         """The pipeline span names the pipeline, the request, dry run and final status."""
         request = pk.PipelineRequest(id="req-1", type="deploy")
-        assert (await tel.execute(pk.Pipeline("p").add_stage(ok("a")), request)).ok
-        span = tel.tree()["pipeline p"]
+        assert (await execute(pipekit_spans, pk.Pipeline("p").add_stage(MockStage("a")), request)).ok
+        span = pipekit_spans.find("pipeline p")
         assert attributes(span) == {
             PIPELINE: "p",
             REQUEST_ID: "req-1",
@@ -529,27 +534,37 @@ class TestSpanAttributes:
         }
         assert span.status.status_code is not StatusCode.ERROR
 
-    async def test_stage_span_attributes(self, tel: Telemetry) -> None:
+    async def test_stage_span_attributes(self, pipekit_spans: SpanCapture) -> None:
         """A stage span names its pipeline and stage, the attempts made and its status."""
-        assert (await tel.execute(pk.Pipeline("p").add_stage(ok("a")))).ok
-        span = tel.tree()["stage a"]
+        assert (await execute(pipekit_spans, pk.Pipeline("p").add_stage(MockStage("a")))).ok
+        span = pipekit_spans.find("stage a")
         assert attributes(span) == {PIPELINE: "p", STAGE: "a", ATTEMPT: 1, STATUS: "succeeded"}
         assert span.status.status_code is not StatusCode.ERROR
         assert [e.name for e in span.events] == []
 
-    async def test_dry_run_attribute(self, tel: Telemetry) -> None:
+    async def test_dry_run_attribute(self, pipekit_spans: SpanCapture) -> None:
         """A dry run's pipeline span says so, and no stage runs (so no stage span)."""
         request = pk.PipelineRequest(options=pk.RequestOptions(dry_run=True))
-        assert (await tel.execute(pk.Pipeline("p").add_stage(ok("a")), request)).ok
-        tree = tel.tree()
-        assert tree.names == {"pipeline p"}
-        assert attributes(tree["pipeline p"])[DRY_RUN] is True
+        a = MockStage("a")
+        assert (await execute(pipekit_spans, pk.Pipeline("p").add_stage(a), request)).ok
+        assert a.calls == []
+        assert_span_tree(pipekit_spans, "pipeline p")
+        assert attributes(pipekit_spans.find("pipeline p"))[DRY_RUN] is True
 
-    async def test_failed_stage_span(self, tel: Telemetry) -> None:
+    async def test_failed_stage_span(self, pipekit_spans: SpanCapture) -> None:
         """A failing stage's span is ERROR, records the exception and names its type."""
-        response = await tel.execute(pk.Pipeline("p").add_stage(ok("a")).add_stage(failing("b")))
+        pipeline = pk.Pipeline("p").add_stage(plain("a")).add_stage(MockStage("b", error=BoomError("b broke")))
+        response = await execute(pipekit_spans, pipeline)
         assert response.status is pk.Status.FAILED
-        span = tel.tree()["stage b"]
+        assert_span_tree(
+            pipekit_spans,
+            """
+            pipeline p [ERROR]
+                stage a
+                stage b [ERROR]
+            """,
+        )
+        span = pipekit_spans.find("stage b")
         assert span.status.status_code is StatusCode.ERROR
         assert span.status.description is not None
         assert "b broke" in span.status.description
@@ -558,284 +573,370 @@ class TestSpanAttributes:
         assert (exceptions[0].attributes or {})["exception.message"] == "b broke"
         assert attributes(span)[ERROR_TYPE] == qualified(BoomError)
         assert attributes(span)[STATUS] == "failed"
-        assert tel.tree()["stage a"].status.status_code is not StatusCode.ERROR
+        assert pipekit_spans.find("stage a").status.status_code is not StatusCode.ERROR
 
-    async def test_builtin_error_type_is_the_bare_class_name(self, tel: Telemetry) -> None:
+    async def test_builtin_error_type_is_the_bare_class_name(self, pipekit_spans: SpanCapture) -> None:
         """``error.type`` of a builtin exception is its plain name (``ValueError``)."""
+        await execute(pipekit_spans, pk.Pipeline("p").add_stage(MockStage("a", error=ValueError("no"))))
+        assert attributes(pipekit_spans.find("stage a"))[ERROR_TYPE] == "ValueError"
 
-        async def bad_value(ctx: pk.StageContext) -> None:
-            raise ValueError("no")
-
-        await tel.execute(pk.Pipeline("p").add_stage(make("a", bad_value)))
-        assert attributes(tel.tree()["stage a"])[ERROR_TYPE] == "ValueError"
-
-    async def test_failed_run_pipeline_span(self, tel: Telemetry) -> None:
+    async def test_failed_run_pipeline_span(self, pipekit_spans: SpanCapture) -> None:
         """The pipeline span of a failed run is ERROR with the run's error recorded."""
-        response = await tel.execute(pk.Pipeline("p").add_stage(failing("b")))
+        response = await execute(pipekit_spans, pk.Pipeline("p").add_stage(MockStage("b", error=BoomError)))
         assert isinstance(response.error, pk.StageFailedError)
-        span = tel.tree()["pipeline p"]
+        span = pipekit_spans.find("pipeline p")
         assert span.status.status_code is StatusCode.ERROR
         assert attributes(span)[STATUS] == "failed"
         assert attributes(span)[ERROR_TYPE] == "pipekit.StageFailedError"
         assert [e.name for e in span.events].count("exception") == 1
 
-    async def test_timed_out_stage(self, tel: Telemetry) -> None:
+    @on_fake_clock
+    async def test_timed_out_stage(self, pipekit_spans: SpanCapture, pipekit_clock: FakeClock) -> None:
         """A stage overrunning its timeout has status ``timed_out``, ERROR, and StageTimeoutError recorded."""
-        response = await tel.execute(pk.Pipeline("p").add_stage(make("slow", hang), timeout=0.01))
+        slow = MockStage("slow", delay=60)
+        response = await execute(pipekit_spans, pk.Pipeline("p").add_stage(slow, timeout=0.01))
         assert response.status is pk.Status.TIMED_OUT
-        tree = tel.tree()
-        stage_span = tree["stage slow"]
+        assert pipekit_clock.elapsed() == pytest.approx(0.01)  # cut off at the timeout, not after the delay
+        assert_span_tree(
+            pipekit_spans,
+            """
+            pipeline p [ERROR]
+                stage slow [ERROR]
+            """,
+        )
+        stage_span = pipekit_spans.find("stage slow")
         assert attributes(stage_span)[STATUS] == "timed_out"
         assert stage_span.status.status_code is StatusCode.ERROR
         assert attributes(stage_span)[ERROR_TYPE] == "pipekit.StageTimeoutError"
-        assert attributes(tree["pipeline p"])[STATUS] == "timed_out"
-        assert tree["pipeline p"].status.status_code is StatusCode.ERROR
+        assert attributes(pipekit_spans.find("pipeline p"))[STATUS] == "timed_out"
+        assert pipekit_spans.find("pipeline p").status.status_code is StatusCode.ERROR
 
-    async def test_cancelled_run(self, tel: Telemetry) -> None:
+    async def test_cancelled_run(self, pipekit_spans: SpanCapture) -> None:
         """A cancelled run's pipeline span is ERROR ``cancelled``; the interrupted stage says ``cancelled``."""
         gate = Gate()
-        pipeline = pk.Pipeline("p").add_stage(ok("a", undo=undo_ok)).add_stage(make("wait", gate))
-        async with tel.engine() as engine:
+        pipeline = pk.Pipeline("p").add_stage(MockStage("a")).add_stage(make("wait", gate))
+        async with engine_for(pipekit_spans) as engine:
             handle = await engine.submit(pipeline)
             with anyio.fail_after(5):
                 await gate.started.wait()
                 response = await handle.cancel()
         assert response.status is pk.Status.CANCELLED
-        tree = tel.tree()
-        assert attributes(tree["stage wait"])[STATUS] == "cancelled"
-        assert attributes(tree["pipeline p"])[STATUS] == "cancelled"
-        assert tree["pipeline p"].status.status_code is StatusCode.ERROR
-        assert attributes(tree["pipeline p"])[ERROR_TYPE] == "pipekit.PipelineCancelledError"
-        assert tree.parent("rollback a") == "pipeline p"
+        assert attributes(pipekit_spans.find("stage wait"))[STATUS] == "cancelled"
+        pipeline_span = pipekit_spans.find("pipeline p")
+        assert attributes(pipeline_span)[STATUS] == "cancelled"
+        assert pipeline_span.status.status_code is StatusCode.ERROR
+        assert attributes(pipeline_span)[ERROR_TYPE] == "pipekit.PipelineCancelledError"
+        assert_span_tree(
+            pipekit_spans,
+            """
+            pipeline p [ERROR]
+                stage a
+                stage wait
+                rollback a
+            """,
+        )
 
 
 class TestRollbackSpans:
     """Every compensated stage gets a ``rollback <name>`` span under the pipeline span."""
 
-    async def test_rollback_span_per_compensated_stage(self, tel: Telemetry) -> None:
+    async def test_rollback_span_per_compensated_stage(self, pipekit_spans: SpanCapture) -> None:
         """Rolled-back stages each have a rollback span, a child of the pipeline span."""
         pipeline = (
             pk.Pipeline("p")
-            .add_stage(ok("a", undo=undo_ok))
-            .add_stage(ok("b", undo=undo_ok), depends_on=("a",))
-            .add_stage(ok("plain"))
-            .add_stage(failing("c"))
+            .add_stage(MockStage("a"))
+            .add_stage(MockStage("b"), depends_on=("a",))
+            .add_stage(plain("plain"))
+            .add_stage(MockStage("c", error=BoomError))
         )
-        response = await tel.execute(pipeline)
+        response = await execute(pipekit_spans, pipeline)
         assert response.status is pk.Status.FAILED
-        tree = tel.tree()
-        rollbacks = {name for name in tree.names if name.startswith("rollback ")}
-        assert rollbacks == {"rollback a", "rollback b"}
+        assert_rolled_back(response, ["b", "a"], order=True)
+        assert_span_tree(
+            pipekit_spans,
+            """
+            pipeline p [ERROR]
+                stage a
+                stage b
+                stage plain
+                stage c [ERROR]
+                rollback b
+                rollback a
+            """,
+        )
         for stage in ("a", "b"):
-            span = tree[f"rollback {stage}"]
-            assert tree.parent(span.name) == "pipeline p"
+            span = pipekit_spans.find(f"rollback {stage}")
             assert span.status.status_code is not StatusCode.ERROR
             assert attributes(span)[STAGE] == stage
             assert attributes(span)[PIPELINE] == "p"
-        assert list(attributes(tree["rollback b"])[DEPENDS_ON]) == ["a"]
-        rollback_a, rollback_b = tree["rollback a"], tree["rollback b"]
+        assert list(attributes(pipekit_spans.find("rollback b"))[DEPENDS_ON]) == ["a"]
+        rollback_a, rollback_b = pipekit_spans.find("rollback a"), pipekit_spans.find("rollback b")
         assert rollback_b.end_time is not None
         assert rollback_a.start_time is not None
         assert rollback_b.end_time <= rollback_a.start_time  # undone in reverse order
 
-    async def test_failing_rollback_span_is_error(self, tel: Telemetry) -> None:
+    async def test_failing_rollback_span_is_error(self, pipekit_spans: SpanCapture) -> None:
         """A rollback that raises has an ERROR span with the exception; the others are fine."""
         pipeline = (
             pk.Pipeline("p")
-            .add_stage(ok("a", undo=undo_ok))
-            .add_stage(ok("b", undo=undo_fails))
-            .add_stage(failing("c"))
+            .add_stage(MockStage("a"))
+            .add_stage(MockStage("b", rollback_error=UndoError("cannot undo b")))
+            .add_stage(MockStage("c", error=BoomError))
         )
-        response = await tel.execute(pipeline)
+        response = await execute(pipekit_spans, pipeline)
         assert response.status is pk.Status.FAILED
-        tree = tel.tree()
-        bad = tree["rollback b"]
+        bad = pipekit_spans.find("rollback b")
         assert bad.status.status_code is StatusCode.ERROR
         assert attributes(bad)[ERROR_TYPE] == qualified(UndoError)
         exceptions = [e for e in bad.events if e.name == "exception"]
         assert len(exceptions) == 1
         assert (exceptions[0].attributes or {})["exception.message"] == "cannot undo b"
-        assert tree["rollback a"].status.status_code is not StatusCode.ERROR
-        assert tree["pipeline p"].status.status_code is StatusCode.ERROR
+        assert pipekit_spans.find("rollback a").status.status_code is not StatusCode.ERROR
+        assert pipekit_spans.find("pipeline p").status.status_code is StatusCode.ERROR
 
-    async def test_rollback_timeout_span_is_error(self, tel: Telemetry) -> None:
+    @on_fake_clock
+    async def test_rollback_timeout_span_is_error(self, pipekit_spans: SpanCapture, pipekit_clock: FakeClock) -> None:
         """A rollback cut off by the rollback timeout has an ERROR span with ``error.type`` TimeoutError."""
-        pipeline = pk.Pipeline("p").add_stage(ok("a", undo=hang)).add_stage(failing("b")).with_rollback(timeout=0.01)
-        response = await tel.execute(pipeline)
+        pipeline = (
+            pk.Pipeline("p")
+            .add_stage(make("a", MockStage("a").execute, undo=hang))
+            .add_stage(MockStage("b", error=BoomError))
+            .with_rollback(timeout=0.01)
+        )
+        response = await execute(pipekit_spans, pipeline)
         assert response.stages["a"].rollback_error is not None
-        span = tel.tree()["rollback a"]
+        assert pipekit_clock.elapsed() == pytest.approx(0.01)
+        span = pipekit_spans.find("rollback a")
         assert span.status.status_code is StatusCode.ERROR
         assert attributes(span)[ERROR_TYPE] == "TimeoutError"
 
-    async def test_user_spans_in_a_rollback_nest_under_its_span(self, tel: Telemetry) -> None:
+    async def test_user_spans_in_a_rollback_nest_under_its_span(self, pipekit_spans: SpanCapture) -> None:
         """A span opened inside a rollback is a child of the ``rollback <name>`` span."""
-        tracer = tel.tracer
+        tracer = user_tracer(pipekit_spans)
 
         async def undo(ctx: pk.StageContext) -> None:
             with tracer.start_as_current_span("user undo"):
                 await anyio.lowlevel.checkpoint()
 
-        await tel.execute(pk.Pipeline("p").add_stage(ok("a", undo=undo)).add_stage(failing("b")))
-        tree = tel.tree()
-        assert tree.parent("user undo") == "rollback a"
+        pipeline = pk.Pipeline("p").add_stage(make("a", MockStage("a").execute, undo=undo))
+        await execute(pipekit_spans, pipeline.add_stage(MockStage("b", error=BoomError)))
+        assert_span_tree(
+            pipekit_spans,
+            """
+            pipeline p [ERROR]
+                stage a
+                stage b [ERROR]
+                rollback a
+                    user undo
+            """,
+        )
 
 
 class TestParenting:
     """The pipeline span joins the caller's trace."""
 
-    async def test_child_of_the_span_current_at_execute(self, tel: Telemetry) -> None:
+    async def test_child_of_the_span_current_at_execute(self, pipekit_spans: SpanCapture) -> None:
         """``execute`` called under a handler span puts the run in the handler's trace, under it."""
-        with tel.tracer.start_as_current_span("handler"):
-            assert (await tel.execute(pk.Pipeline("p").add_stage(ok("a")))).ok
-        tree = tel.tree()
-        assert tree.parent("pipeline p") == "handler"
-        assert tree.parent("stage a") == "pipeline p"
-        assert len(tree.trace_ids()) == 1
+        with user_tracer(pipekit_spans).start_as_current_span("handler"):
+            assert (await execute(pipekit_spans, pk.Pipeline("p").add_stage(MockStage("a")))).ok
+        assert_span_tree(
+            pipekit_spans,
+            """
+            handler
+                pipeline p
+                    stage a
+            """,
+        )
+        assert len(trace_ids(pipekit_spans)) == 1
 
-    async def test_engine_run_is_child_of_the_span_current_at_submit(self, tel: Telemetry) -> None:
+    async def test_engine_run_is_child_of_the_span_current_at_submit(self, pipekit_spans: SpanCapture) -> None:
         """With an Engine, the span current at ``submit`` is the parent, not the one current at entry."""
-        with tel.tracer.start_as_current_span("engine owner"):
-            async with tel.engine() as engine:
-                with tel.tracer.start_as_current_span("handler"):
-                    handled = await engine.submit(pk.Pipeline("handled").add_stage(ok("a")))
+        tracer = user_tracer(pipekit_spans)
+        with tracer.start_as_current_span("engine owner"):
+            async with engine_for(pipekit_spans) as engine:
+                with tracer.start_as_current_span("handler"):
+                    handled = await engine.submit(pk.Pipeline("handled").add_stage(MockStage("a")))
                 token = otel_context.attach(otel_context.Context())
                 try:
-                    orphan = await engine.submit(pk.Pipeline("orphan").add_stage(ok("b")))
+                    orphan = await engine.submit(pk.Pipeline("orphan").add_stage(MockStage("b")))
                 finally:
                     otel_context.detach(token)
                 with anyio.fail_after(5):
                     assert (await handled.wait()).ok
                     assert (await orphan.wait()).ok
-        tree = tel.tree()
-        assert tree.parent("pipeline handled") == "handler"
-        assert tree.parent("handler") == "engine owner"
-        assert tree["pipeline orphan"].parent is None
-        assert context_of(tree["pipeline orphan"]).trace_id != context_of(tree["engine owner"]).trace_id
-        assert tree.parent("stage b") == "pipeline orphan"
+        assert_span_tree(
+            pipekit_spans,
+            """
+            engine owner
+                handler
+                    pipeline handled
+                        stage a
+            pipeline orphan
+                stage b
+            """,
+        )
+        orphan_span = pipekit_spans.find("pipeline orphan")
+        assert orphan_span.parent is None
+        assert context_of(orphan_span).trace_id != context_of(pipekit_spans.find("engine owner")).trace_id
 
-    async def test_carrier_makes_the_run_a_child_of_the_remote_span(self, tel: Telemetry) -> None:
+    async def test_carrier_makes_the_run_a_child_of_the_remote_span(self, pipekit_spans: SpanCapture) -> None:
         """A ``traceparent`` in the request's carrier parents the run's span on the remote span."""
         request = pk.PipelineRequest(carrier={"traceparent": f"00-{REMOTE_TRACE}-{REMOTE_SPAN}-01"})
-        assert (await tel.execute(pk.Pipeline("p").add_stage(ok("a")), request)).ok
-        tree = tel.tree()
-        span = tree["pipeline p"]
+        assert (await execute(pipekit_spans, pk.Pipeline("p").add_stage(MockStage("a")), request)).ok
+        span = pipekit_spans.find("pipeline p")
         assert f"{context_of(span).trace_id:032x}" == REMOTE_TRACE
         assert span.parent is not None
         assert span.parent.is_remote
         assert f"{span.parent.span_id:016x}" == REMOTE_SPAN
-        assert tree.parent("stage a") == "pipeline p"
-        assert tree.trace_ids() == {int(REMOTE_TRACE, 16)}
+        assert_span_tree(
+            pipekit_spans,
+            """
+            pipeline p
+                stage a
+            """,
+        )
+        assert trace_ids(pipekit_spans) == {int(REMOTE_TRACE, 16)}
 
-    async def test_carrier_wins_over_the_current_span(self, tel: Telemetry) -> None:
+    async def test_carrier_wins_over_the_current_span(self, pipekit_spans: SpanCapture) -> None:
         """A request with a carrier is parented on the remote span even under a local span."""
         request = pk.PipelineRequest(carrier={"traceparent": f"00-{REMOTE_TRACE}-{REMOTE_SPAN}-01"})
-        with tel.tracer.start_as_current_span("local"):
-            assert (await tel.execute(pk.Pipeline("p").add_stage(ok("a")), request)).ok
-        span = tel.tree()["pipeline p"]
+        with user_tracer(pipekit_spans).start_as_current_span("local"):
+            assert (await execute(pipekit_spans, pk.Pipeline("p").add_stage(MockStage("a")), request)).ok
+        span = pipekit_spans.find("pipeline p")
         assert span.parent is not None
         assert f"{span.parent.span_id:016x}" == REMOTE_SPAN
 
-    async def test_engine_run_with_carrier(self, tel: Telemetry) -> None:
+    async def test_engine_run_with_carrier(self, pipekit_spans: SpanCapture) -> None:
         """A carrier submitted to an Engine parents the run on the remote span too."""
         request = pk.PipelineRequest(carrier={"traceparent": f"00-{REMOTE_TRACE}-{REMOTE_SPAN}-01"})
-        async with tel.engine() as engine:
+        async with engine_for(pipekit_spans) as engine:
             with anyio.fail_after(5):
-                assert (await engine.execute(pk.Pipeline("p").add_stage(ok("a")), request)).ok
-        span = tel.tree()["pipeline p"]
+                assert (await engine.execute(pk.Pipeline("p").add_stage(MockStage("a")), request)).ok
+        span = pipekit_spans.find("pipeline p")
         assert f"{context_of(span).trace_id:032x}" == REMOTE_TRACE
         assert span.parent is not None
         assert f"{span.parent.span_id:016x}" == REMOTE_SPAN
 
-    async def test_unsampled_carrier_exports_nothing(self, tel: Telemetry) -> None:
+    async def test_unsampled_carrier_exports_nothing(self, pipekit_spans: SpanCapture) -> None:
         """A ``traceparent`` with the sampled flag off keeps the run untraced (parent-based sampling)."""
         request = pk.PipelineRequest(carrier={"traceparent": f"00-{REMOTE_TRACE}-{REMOTE_SPAN}-00"})
-        assert (await tel.execute(pk.Pipeline("p").add_stage(ok("a")), request)).ok
-        assert tel.spans() == ()
+        assert (await execute(pipekit_spans, pk.Pipeline("p").add_stage(MockStage("a")), request)).ok
+        assert pipekit_spans.spans == ()
 
 
 class TestNestedPipelines:
     """A nested pipeline's trace hangs under the outer stage that runs it."""
 
-    async def test_inner_pipeline_span_under_the_outer_stage_span(self, tel: Telemetry) -> None:
+    async def test_inner_pipeline_span_under_the_outer_stage_span(self, pipekit_spans: SpanCapture) -> None:
         """``pipeline inner`` is a child of the outer ``stage inner``; its stages are its children."""
-        inner = pk.Pipeline("inner").add_stage(ok("x")).add_stage(ok("y"))
-        outer = pk.Pipeline("outer").add_stage(ok("a")).add_stage(inner)
-        assert (await tel.execute(outer)).ok
-        tree = tel.tree()
-        assert tree.children("pipeline outer") == {"stage a", "stage inner"}
-        assert tree.children("stage inner") == {"pipeline inner"}
-        assert tree.children("pipeline inner") == {"stage x", "stage y"}
-        assert len(tree.trace_ids()) == 1
+        inner = pk.Pipeline("inner").add_stage(MockStage("x")).add_stage(MockStage("y"))
+        outer = pk.Pipeline("outer").add_stage(MockStage("a")).add_stage(inner)
+        assert (await execute(pipekit_spans, outer)).ok
+        assert_span_tree(
+            pipekit_spans,
+            """
+            pipeline outer
+                stage a
+                stage inner
+                    pipeline inner
+                        stage x
+                        stage y
+            """,
+        )
+        assert len(trace_ids(pipekit_spans)) == 1
 
-    async def test_inner_pipeline_span_under_the_outer_stage_with_a_carrier(self, tel: Telemetry) -> None:
+    async def test_inner_pipeline_span_under_the_outer_stage_with_a_carrier(self, pipekit_spans: SpanCapture) -> None:
         """With a carrier on the request, only the outer run hangs under the remote span; the inner nests."""
-        inner = pk.Pipeline("inner").add_stage(ok("x"))
+        inner = pk.Pipeline("inner").add_stage(MockStage("x"))
         outer = pk.Pipeline("outer").add_stage(inner)
         request = pk.PipelineRequest(carrier={"traceparent": f"00-{REMOTE_TRACE}-{REMOTE_SPAN}-01"})
-        assert (await tel.execute(outer, request)).ok
-        tree = tel.tree()
-        outer_parent = tree["pipeline outer"].parent
+        assert (await execute(pipekit_spans, outer, request)).ok
+        outer_parent = pipekit_spans.find("pipeline outer").parent
         assert outer_parent is not None
         assert f"{outer_parent.span_id:016x}" == REMOTE_SPAN
-        assert tree.parent("pipeline inner") == "stage inner"
+        assert_span_tree(
+            pipekit_spans,
+            """
+            pipeline outer
+                stage inner
+                    pipeline inner
+                        stage x
+            """,
+        )
 
-    async def test_nested_rollback_spans(self, tel: Telemetry) -> None:
+    async def test_nested_rollback_spans(self, pipekit_spans: SpanCapture) -> None:
         """Rolling back a nested pipeline makes ``rollback inner`` with the inner stages' rollbacks under it."""
-        inner = pk.Pipeline("inner").add_stage(ok("x", undo=undo_ok))
-        outer = pk.Pipeline("outer").add_stage(inner).add_stage(failing("c"))
-        response = await tel.execute(outer)
+        inner = pk.Pipeline("inner").add_stage(MockStage("x"))
+        outer = pk.Pipeline("outer").add_stage(inner).add_stage(MockStage("c", error=BoomError))
+        response = await execute(pipekit_spans, outer)
         assert response.status is pk.Status.FAILED
-        tree = tel.tree()
-        assert tree.parent("rollback inner") == "pipeline outer"
-        assert tree.parent("rollback x") == "rollback inner"
+        assert_span_tree(
+            pipekit_spans,
+            """
+            pipeline outer [ERROR]
+                stage inner
+                    pipeline inner
+                        stage x
+                stage c [ERROR]
+                rollback inner
+                    rollback x
+            """,
+        )
 
 
 class TestNotRecording:
     """Without a recording span pipekit makes no spans, and runs work as usual."""
 
-    async def test_always_off_sampler_exports_nothing(self, unsampled: Telemetry) -> None:
+    @on_fake_clock
+    async def test_always_off_sampler_exports_nothing(
+        self, pipekit_spans: SpanCapture, unsampled: UnsampledTracing
+    ) -> None:
         """With ALWAYS_OFF, retries, failures, rollbacks and nesting run but no span is exported."""
-        sleep = FakeSleep()
-        tracer = unsampled.tracer
+        tracer = unsampled.tracer_provider.get_tracer("tests.user")
 
         async def traced(ctx: pk.StageContext) -> None:
             with tracer.start_as_current_span("user work"):
                 await anyio.lowlevel.checkpoint()
 
-        inner = pk.Pipeline("inner").add_stage(ok("x", undo=undo_ok))
+        flaky = MockStage("flaky", fail_times=1, rollback_error=UndoError("cannot undo flaky"))
+        inner = pk.Pipeline("inner").add_stage(MockStage("x"))
         pipeline = (
             pk.Pipeline("p")
-            .add_stage(make("flaky", Flaky(failures=1), undo=undo_fails), retry=retrying(sleep))
+            .add_stage(flaky, retry=RETRY)
             .add_stage(make("traced", traced))
             .add_stage(inner)
-            .add_stage(failing("last"))
+            .add_stage(MockStage("last", error=BoomError))
         )
-        response = await unsampled.execute(pipeline)
+        response = await execute(pipekit_spans, pipeline, tracer_provider=unsampled.tracer_provider)
         assert response.status is pk.Status.FAILED
         assert response.stages["flaky"].attempts == 2
         assert response.stages["inner"].rolled_back
         assert isinstance(response.stages["flaky"].rollback_error, UndoError)
-        assert sleep.delays == [0.5]
-        assert unsampled.spans() == ()
-        assert unsampled.totals("pipekit.executions", PIPELINE, STATUS)[("p", "failed")] == 1
-        assert unsampled.totals("pipekit.stage.retries", STAGE) == {("flaky",): 1}
-        assert unsampled.totals("pipekit.rollback.failures", STAGE) == {("flaky",): 1}
+        assert [call.time for call in flaky.calls] == pytest.approx([0.0, 0.5])
+        assert unsampled.exporter.get_finished_spans() == ()
+        assert pipekit_spans.spans == ()
+        assert totals(pipekit_spans.metric_points("pipekit.executions"), PIPELINE, STATUS)[("p", "failed")] == 1
+        assert totals(pipekit_spans.metric_points("pipekit.stage.retries"), STAGE) == {("flaky",): 1}
+        assert totals(pipekit_spans.metric_points("pipekit.rollback.failures"), STAGE) == {("flaky",): 1}
 
-    async def test_unsampled_run_logs_still_carry_its_trace_id(self, unsampled: Telemetry) -> None:
+    async def test_unsampled_run_logs_still_carry_its_trace_id(
+        self, pipekit_spans: SpanCapture, unsampled: UnsampledTracing
+    ) -> None:
         """Sampled out, a run still has a valid trace id; its log events and ctx.log carry the same one."""
-        seen: list[str] = []
 
         @pk.stage
         async def logs_it(ctx: pk.StageContext) -> None:
             ctx.log.info("user.line")
 
         with capture_logs() as logs:
-            assert (await unsampled.execute(pk.Pipeline("p").add_stage(logs_it))).ok
+            pipeline = pk.Pipeline("p").add_stage(logs_it)
+            assert (await execute(pipekit_spans, pipeline, tracer_provider=unsampled.tracer_provider)).ok
         seen = [e["trace_id"] for e in logs if e["event"] in ("pipekit.pipeline.started", "user.line")]
         assert len(seen) == 2
         assert seen[0] == seen[1]
         assert HEX32.fullmatch(seen[0])
         assert unsampled.exporter.get_finished_spans() == ()
+        assert pipekit_spans.spans == ()
 
 
 class TestGlobalProviders:
@@ -898,37 +999,41 @@ class TestGlobalProviders:
 class TestRunMetrics:
     """Counters and histograms recorded by runs."""
 
-    async def test_executions_by_pipeline_and_status(self, tel: Telemetry) -> None:
+    async def test_executions_by_pipeline_and_status(self, pipekit_spans: SpanCapture, sdk_metrics: SdkMetrics) -> None:
         """``pipekit.executions`` and the duration histogram count runs by pipeline and final status."""
-        good = pk.Pipeline("p").add_stage(ok("a"))
-        bad = pk.Pipeline("p").add_stage(failing("a"))
-        other = pk.Pipeline("q").add_stage(ok("a"))
-        responses = [await tel.execute(pipeline) for pipeline in (good, good, bad, other)]
+        good = pk.Pipeline("p").add_stage(MockStage("a"))
+        bad = pk.Pipeline("p").add_stage(MockStage("a", error=BoomError))
+        other = pk.Pipeline("q").add_stage(MockStage("a"))
+        meter_provider = sdk_metrics.meter_provider
+        responses = [
+            await execute(pipekit_spans, pipeline, meter_provider=meter_provider)
+            for pipeline in (good, good, bad, other)
+        ]
         expected = {("p", "succeeded"): 2, ("p", "failed"): 1, ("q", "succeeded"): 1}
-        assert tel.totals("pipekit.executions", PIPELINE, STATUS) == expected
-        assert tel.totals("pipekit.execution.duration", PIPELINE, STATUS) == expected
-        assert math.isclose(tel.histogram_sum("pipekit.execution.duration"), sum(r.duration for r in responses))
+        assert totals(sdk_metrics.metric_points("pipekit.executions"), PIPELINE, STATUS) == expected
+        assert totals(sdk_metrics.metric_points("pipekit.execution.duration"), PIPELINE, STATUS) == expected
+        assert math.isclose(sdk_metrics.histogram_sum("pipekit.execution.duration"), sum(r.duration for r in responses))
 
-    async def test_dry_runs_are_not_executions(self, tel: Telemetry) -> None:
+    async def test_dry_runs_are_not_executions(self, pipekit_spans: SpanCapture) -> None:
         """A dry run adds nothing to ``pipekit.executions`` (as documented)."""
         request = pk.PipelineRequest(options=pk.RequestOptions(dry_run=True))
-        assert (await tel.execute(pk.Pipeline("p").add_stage(ok("a")), request)).ok
-        assert tel.totals("pipekit.executions", PIPELINE) == {}
+        assert (await execute(pipekit_spans, pk.Pipeline("p").add_stage(MockStage("a")), request)).ok
+        assert totals(pipekit_spans.metric_points("pipekit.executions"), PIPELINE) == {}
 
-    async def test_stage_runs_by_stage_and_status(self, tel: Telemetry) -> None:
+    async def test_stage_runs_by_stage_and_status(self, pipekit_spans: SpanCapture) -> None:
         """``pipekit.stage.runs`` counts every stage by status, skipped ones as ``skipped``."""
         pipeline = (
             pk.Pipeline("p")
-            .add_stage(ok("a"))
-            .add_conditional_stage(ok("never"), lambda ctx: False)
-            .add_stage(failing("soft"), continue_on_error=True)
-            .add_stage(ok("after_soft"), depends_on=("soft",))
-            .add_stage(failing("hard"), depends_on=("a",))
-            .add_stage(ok("blocked"), depends_on=("hard",))
+            .add_stage(plain("a"))
+            .add_conditional_stage(MockStage("never"), lambda ctx: False)
+            .add_stage(MockStage("soft", error=BoomError), continue_on_error=True)
+            .add_stage(MockStage("after_soft"), depends_on=("soft",))
+            .add_stage(MockStage("hard", error=BoomError), depends_on=("a",))
+            .add_stage(MockStage("blocked"), depends_on=("hard",))
         )
-        response = await tel.execute(pipeline)
+        response = await execute(pipekit_spans, pipeline)
         assert response.status is pk.Status.FAILED
-        runs = tel.totals("pipekit.stage.runs", PIPELINE, STAGE, STATUS)
+        runs = totals(pipekit_spans.metric_points("pipekit.stage.runs"), PIPELINE, STAGE, STATUS)
         assert runs == {
             ("p", "a", "succeeded"): 1,
             ("p", "never", "skipped"): 1,
@@ -937,42 +1042,49 @@ class TestRunMetrics:
             ("p", "hard", "failed"): 1,
             ("p", "blocked", "skipped"): 1,
         }
-        durations = tel.totals("pipekit.stage.duration", STAGE, STATUS)
+        durations = totals(pipekit_spans.metric_points("pipekit.stage.duration"), STAGE, STATUS)
         assert durations == {("a", "succeeded"): 1, ("soft", "failed"): 1, ("hard", "failed"): 1}
 
-    async def test_stage_duration_sums_the_stage_durations(self, tel: Telemetry) -> None:
+    @on_fake_clock
+    async def test_stage_duration_sums_the_stage_durations(
+        self, pipekit_spans: SpanCapture, sdk_metrics: SdkMetrics
+    ) -> None:
         """``pipekit.stage.duration`` records each stage's duration, all attempts included."""
-        pipeline = (
-            pk.Pipeline("p").add_stage(ok("a")).add_stage(make("flaky", Flaky(failures=1)), retry=retrying(FakeSleep()))
-        )
-        response = await tel.execute(pipeline)
-        assert tel.totals("pipekit.stage.duration", STAGE, STATUS) == {("a", "succeeded"): 1, ("flaky", "succeeded"): 1}
+        pipeline = pk.Pipeline("p").add_stage(MockStage("a")).add_stage(MockStage("flaky", fail_times=1), retry=RETRY)
+        response = await execute(pipekit_spans, pipeline, meter_provider=sdk_metrics.meter_provider)
+        durations = totals(sdk_metrics.metric_points("pipekit.stage.duration"), STAGE, STATUS)
+        assert durations == {("a", "succeeded"): 1, ("flaky", "succeeded"): 1}
         expected = sum(result.duration for result in response.stages.values())
-        assert math.isclose(tel.histogram_sum("pipekit.stage.duration"), expected)
+        assert math.isclose(sdk_metrics.histogram_sum("pipekit.stage.duration"), expected)
+        assert response.stages["flaky"].duration >= 0.5  # the back-off is part of the stage's duration
 
-    async def test_retries(self, tel: Telemetry) -> None:
+    @on_fake_clock
+    async def test_retries(self, pipekit_spans: SpanCapture) -> None:
         """``pipekit.stage.retries`` counts retries scheduled per stage."""
         pipeline = (
             pk.Pipeline("p")
-            .add_stage(make("flaky", Flaky(failures=2)), retry=retrying(FakeSleep()))
-            .add_stage(make("steady", Flaky(failures=0)), retry=retrying(FakeSleep()))
+            .add_stage(MockStage("flaky", fail_times=2), retry=RETRY)
+            .add_stage(MockStage("steady"), retry=RETRY)
         )
-        assert (await tel.execute(pipeline)).ok
-        assert tel.totals("pipekit.stage.retries", PIPELINE, STAGE) == {("p", "flaky"): 2}
+        assert (await execute(pipekit_spans, pipeline)).ok
+        assert totals(pipekit_spans.metric_points("pipekit.stage.retries"), PIPELINE, STAGE) == {("p", "flaky"): 2}
 
-    async def test_rollbacks_and_rollback_failures(self, tel: Telemetry) -> None:
+    async def test_rollbacks_and_rollback_failures(self, pipekit_spans: SpanCapture) -> None:
         """``pipekit.rollbacks`` counts attempted rollbacks; ``pipekit.rollback.failures`` the failed ones."""
         pipeline = (
             pk.Pipeline("p")
-            .add_stage(ok("a", undo=undo_ok))
-            .add_stage(ok("b", undo=undo_fails))
-            .add_stage(failing("c"))
+            .add_stage(MockStage("a"))
+            .add_stage(MockStage("b", rollback_error=UndoError("cannot undo b")))
+            .add_stage(MockStage("c", error=BoomError))
         )
-        await tel.execute(pipeline)
-        assert tel.totals("pipekit.rollbacks", PIPELINE, STAGE) == {("p", "a"): 1, ("p", "b"): 1}
-        assert tel.totals("pipekit.rollback.failures", PIPELINE, STAGE) == {("p", "b"): 1}
+        await execute(pipekit_spans, pipeline)
+        assert totals(pipekit_spans.metric_points("pipekit.rollbacks"), PIPELINE, STAGE) == {
+            ("p", "a"): 1,
+            ("p", "b"): 1,
+        }
+        assert totals(pipekit_spans.metric_points("pipekit.rollback.failures"), PIPELINE, STAGE) == {("p", "b"): 1}
 
-    async def test_hook_failures(self, tel: Telemetry) -> None:
+    async def test_hook_failures(self, pipekit_spans: SpanCapture) -> None:
         """``pipekit.hook.failures`` counts hook calls that raised, by pipeline."""
 
         async def broken(event: pk.Event) -> None:
@@ -980,28 +1092,29 @@ class TestRunMetrics:
                 raise RuntimeError("hook broke")
 
         with capture_logs() as logs:
-            response = await tel.execute(pk.Pipeline("p").add_stage(ok("a")).with_hooks(broken))
+            response = await execute(pipekit_spans, pk.Pipeline("p").add_stage(MockStage("a")).with_hooks(broken))
         assert response.ok
         assert response.hook_failures == 2
-        assert tel.totals("pipekit.hook.failures", PIPELINE) == {("p",): 2}
+        assert totals(pipekit_spans.metric_points("pipekit.hook.failures"), PIPELINE) == {("p",): 2}
         assert [e["event"] for e in logs].count("pipekit.hook.failed") == 2
 
-    async def test_nested_pipeline_hook_failures(self, tel: Telemetry) -> None:
+    async def test_nested_pipeline_hook_failures(self, pipekit_spans: SpanCapture) -> None:
         """A nested pipeline's own failing hook is counted too, under the nested pipeline's name."""
 
         async def broken(event: pk.Event) -> None:
             if isinstance(event, pk.PipelineStarted):
                 raise RuntimeError("hook broke")
 
-        inner = pk.Pipeline("inner").add_stage(ok("x")).with_hooks(broken)
+        inner = pk.Pipeline("inner").add_stage(MockStage("x")).with_hooks(broken)
         outer = pk.Pipeline("outer").add_stage(inner)
         with capture_logs() as logs:
-            assert (await tel.execute(outer)).ok
+            assert (await execute(pipekit_spans, outer)).ok
         assert [e["event"] for e in logs].count("pipekit.hook.failed") == 1
         # Counted under the pipeline that was executed, like its other execution metrics.
-        assert tel.totals("pipekit.hook.failures", PIPELINE) == {("outer",): 1}
+        assert totals(pipekit_spans.metric_points("pipekit.hook.failures"), PIPELINE) == {("outer",): 1}
 
-    async def test_every_instrument_is_produced(self, tel: Telemetry) -> None:
+    @on_fake_clock
+    async def test_every_instrument_is_produced(self, pipekit_spans: SpanCapture, sdk_metrics: SdkMetrics) -> None:
         """One workload produces every documented instrument, with its documented kind, unit and attributes."""
 
         async def broken(event: pk.Event) -> None:
@@ -1010,16 +1123,16 @@ class TestRunMetrics:
 
         pipeline = (
             pk.Pipeline("p")
-            .add_stage(ok("a", undo=undo_fails))
-            .add_stage(make("flaky", Flaky(failures=1)), retry=retrying(FakeSleep()))
-            .add_stage(failing("c"))
+            .add_stage(MockStage("a", rollback_error=UndoError("cannot undo a")))
+            .add_stage(without_rollback(MockStage("flaky", fail_times=1)), retry=RETRY)
+            .add_stage(MockStage("c", error=BoomError))
         )
         with capture_logs():
-            async with tel.engine(hooks=[broken]) as engine:
+            async with engine_for(pipekit_spans, meter_provider=sdk_metrics.meter_provider, hooks=[broken]) as engine:
                 with anyio.fail_after(5):
                     response = await engine.execute(pipeline)
         assert response.status is pk.Status.FAILED
-        produced = tel.metrics()
+        produced = sdk_metrics.metrics()
         assert set(produced) == set(INSTRUMENTS)
         for name, (kind, unit, keys) in INSTRUMENTS.items():
             metric = produced[name]
@@ -1037,48 +1150,59 @@ class TestRunMetrics:
 class TestEngineMetrics:
     """The engine's running/queued gauges, and ``engine.metrics`` agreeing with the instruments."""
 
-    async def test_running_and_queued(self, tel: Telemetry) -> None:
+    async def test_running_and_queued(self, pipekit_spans: SpanCapture) -> None:
         """Running and queued go up while work waits and back to 0 when the engine is done."""
+
+        def gauge(name: str) -> dict[tuple[Any, ...], float]:
+            return totals(pipekit_spans.metric_points(f"pipekit.engine.executions.{name}"), PIPELINE)
+
         gate = Gate()
         pipeline = pk.Pipeline("p").add_stage(make("wait", gate))
-        async with tel.engine(max_concurrent=1) as engine:
+        async with engine_for(pipekit_spans, max_concurrent=1) as engine:
             handles = [await engine.submit(pipeline) for _ in range(3)]
             with anyio.fail_after(5):
                 await gate.started.wait()
-            assert tel.totals("pipekit.engine.executions.running", PIPELINE) == {("p",): 1}
-            assert tel.totals("pipekit.engine.executions.queued", PIPELINE) == {("p",): 2}
+            assert gauge("running") == {("p",): 1}
+            assert gauge("queued") == {("p",): 2}
             with anyio.fail_after(5):
                 cancelled = await handles[2].cancel()
             assert cancelled.status is pk.Status.CANCELLED
-            assert tel.totals("pipekit.engine.executions.queued", PIPELINE) == {("p",): 1}
-            assert tel.totals("pipekit.engine.executions.running", PIPELINE) == {("p",): 1}
+            assert gauge("queued") == {("p",): 1}
+            assert gauge("running") == {("p",): 1}
             gate.release.set()
         assert [h.status for h in handles] == [pk.Status.SUCCEEDED, pk.Status.SUCCEEDED, pk.Status.CANCELLED]
-        assert tel.totals("pipekit.engine.executions.running", PIPELINE) == {("p",): 0}
-        assert tel.totals("pipekit.engine.executions.queued", PIPELINE) == {("p",): 0}
+        assert gauge("running") == {("p",): 0}
+        assert gauge("queued") == {("p",): 0}
 
-    async def test_gauges_return_to_zero_when_the_owner_gives_up(self, tel: Telemetry) -> None:
+    async def test_gauges_return_to_zero_when_the_owner_gives_up(self, pipekit_spans: SpanCapture) -> None:
         """Cancelling the engine's owner settles running and queued work and leaves both gauges at 0."""
+
+        def gauge(name: str) -> dict[tuple[Any, ...], float]:
+            return totals(pipekit_spans.metric_points(f"pipekit.engine.executions.{name}"), PIPELINE)
+
         gate = Gate()
         pipeline = pk.Pipeline("p").add_stage(make("wait", gate))
         with anyio.CancelScope() as scope:
-            async with tel.engine(max_concurrent=1) as engine:
+            async with engine_for(pipekit_spans, max_concurrent=1) as engine:
                 handles = [await engine.submit(pipeline) for _ in range(3)]
                 with anyio.fail_after(5):
                     await gate.started.wait()
-                assert tel.totals("pipekit.engine.executions.queued", PIPELINE) == {("p",): 2}
+                assert gauge("queued") == {("p",): 2}
                 scope.cancel()
                 await anyio.lowlevel.checkpoint()
         assert scope.cancelled_caught
         assert [h.status for h in handles] == [pk.Status.CANCELLED] * 3
-        assert tel.totals("pipekit.engine.executions.running", PIPELINE) == {("p",): 0}
-        assert tel.totals("pipekit.engine.executions.queued", PIPELINE) == {("p",): 0}
-        assert tel.totals("pipekit.executions", STATUS) == {("cancelled",): 3}
+        assert gauge("running") == {("p",): 0}
+        assert gauge("queued") == {("p",): 0}
+        assert totals(pipekit_spans.metric_points("pipekit.executions"), STATUS) == {("cancelled",): 3}
 
-    async def test_engine_metrics_agree_with_the_instruments(self, tel: Telemetry) -> None:
+    async def test_engine_metrics_agree_with_the_instruments(
+        self, pipekit_spans: SpanCapture, sdk_metrics: SdkMetrics
+    ) -> None:
         """Totals, successes, failures, the duration count/sum and hook failures match the instruments."""
         gate = Gate()
 
+        # One stage body for every run, so runs of one pipeline differ only by their input.
         async def by_mode(ctx: pk.StageContext) -> str:
             mode = ctx.input["mode"]
             if mode == "fail":
@@ -1094,7 +1218,7 @@ class TestEngineMetrics:
         p = pk.Pipeline("p").add_stage(make("work", by_mode))
         q = pk.Pipeline("q").add_stage(make("work", by_mode))
         with capture_logs():
-            async with tel.engine(hooks=[broken]) as engine:
+            async with engine_for(pipekit_spans, meter_provider=sdk_metrics.meter_provider, hooks=[broken]) as engine:
                 handles = [await engine.submit(p, input={"mode": m}) for m in ("ok", "ok", "fail", "wait")]
                 handles.append(await engine.submit(q, input={"mode": "ok"}))
                 with anyio.fail_after(5):
@@ -1107,9 +1231,9 @@ class TestEngineMetrics:
             pk.Status.FAILED,
             pk.Status.CANCELLED,
         ]
-        executions = tel.totals("pipekit.executions", PIPELINE, STATUS)
-        durations = tel.totals("pipekit.execution.duration", PIPELINE)
-        hook_failures = tel.totals("pipekit.hook.failures", PIPELINE)
+        executions = totals(sdk_metrics.metric_points("pipekit.executions"), PIPELINE, STATUS)
+        durations = totals(sdk_metrics.metric_points("pipekit.execution.duration"), PIPELINE)
+        hook_failures = totals(sdk_metrics.metric_points("pipekit.hook.failures"), PIPELINE)
         for name in ("p", "q"):
             metrics = engine.metrics(name)
             by_status = {status: n for (pipeline, status), n in executions.items() if pipeline == name}
@@ -1121,40 +1245,46 @@ class TestEngineMetrics:
             assert metrics.hook_failures == hook_failures.get((name,), 0)
         assert engine.metrics("p").total_executions == 4
         assert engine.metrics("p").hook_failures == 4
-        assert math.isclose(tel.histogram_sum("pipekit.execution.duration"), sum(r.duration for r in responses))
+        assert math.isclose(sdk_metrics.histogram_sum("pipekit.execution.duration"), sum(r.duration for r in responses))
 
-    async def test_engine_metrics_agree_with_dry_runs_in_the_mix(self, tel: Telemetry) -> None:
+    async def test_engine_metrics_agree_with_dry_runs_in_the_mix(self, pipekit_spans: SpanCapture) -> None:
         """Dry runs submitted to an engine are counted the same way by ``engine.metrics`` and the instruments."""
-        pipeline = pk.Pipeline("p").add_stage(ok("a"))
+        pipeline = pk.Pipeline("p").add_stage(MockStage("a"))
         dry = pk.PipelineRequest(options=pk.RequestOptions(dry_run=True))
-        async with tel.engine() as engine:
+        async with engine_for(pipekit_spans) as engine:
             with anyio.fail_after(5):
                 assert (await engine.execute(pipeline, dry)).ok
                 assert (await engine.execute(pipeline)).ok
-        instrumented = tel.totals("pipekit.executions", PIPELINE).get(("p",), 0)
+        instrumented = totals(pipekit_spans.metric_points("pipekit.executions"), PIPELINE).get(("p",), 0)
         assert engine.metrics("p").total_executions == instrumented
-        assert engine.metrics("p").total_executions == tel.totals("pipekit.execution.duration", PIPELINE)[("p",)]
+        durations = totals(pipekit_spans.metric_points("pipekit.execution.duration"), PIPELINE)
+        assert engine.metrics("p").total_executions == durations[("p",)]
 
 
 # -- logs ----------------------------------------------------------------------------
 
 
+def failing_run() -> pk.Pipeline:
+    """A (whose rollback fails), flaky (no rollback; fails once, then succeeds on retry), c (fails)."""
+    return (
+        pk.Pipeline("p")
+        .add_stage(MockStage("a", rollback_error=UndoError("cannot undo a")))
+        .add_stage(without_rollback(MockStage("flaky", fail_times=1)), retry=RETRY)
+        .add_stage(MockStage("c", error=BoomError))
+    )
+
+
 class TestLogs:
     """structlog events of a run, bound with the run's identity and trace."""
 
-    async def test_run_events_carry_the_run_and_its_trace(self, tel: Telemetry) -> None:
+    @on_fake_clock
+    async def test_run_events_carry_the_run_and_its_trace(self, pipekit_spans: SpanCapture) -> None:
         """A run logs its lifecycle under dotted names, each with request id, pipeline and the run's trace."""
-        pipeline = (
-            pk.Pipeline("p")
-            .add_stage(ok("a", undo=undo_fails))
-            .add_stage(make("flaky", Flaky(failures=1)), retry=retrying(FakeSleep()))
-            .add_stage(failing("c"))
-        )
         request = pk.PipelineRequest(id="req-7")
         with capture_logs() as logs:
-            response = await tel.execute(pipeline, request)
+            response = await execute(pipekit_spans, failing_run(), request)
         assert response.status is pk.Status.FAILED
-        trace_id, span_id = hex_ids(tel.tree()["pipeline p"])
+        trace_id, span_id = hex_ids(pipekit_spans.find("pipeline p"))
         expected = {
             "pipekit.pipeline.started",
             "pipekit.stage.started",
@@ -1175,24 +1305,19 @@ class TestLogs:
             assert entry["pipeline"] == "p", entry
             assert entry["trace_id"] == trace_id, entry
             if entry["event"] in stage_events:
-                assert entry["span_id"] == hex_ids(tel.tree()[f"stage {entry['stage']}"])[1], entry
+                assert entry["span_id"] == hex_ids(pipekit_spans.find(f"stage {entry['stage']}"))[1], entry
             elif entry["event"] in ("pipekit.rollback.failed", "pipekit.rollback.stage_rolled_back"):
-                assert entry["span_id"] == hex_ids(tel.tree()[f"rollback {entry['stage']}"])[1], entry
+                assert entry["span_id"] == hex_ids(pipekit_spans.find(f"rollback {entry['stage']}"))[1], entry
             else:
                 assert entry["span_id"] == span_id, entry
             assert HEX32.fullmatch(entry["trace_id"])
             assert HEX16.fullmatch(entry["span_id"])
 
-    async def test_stage_events_name_stage_and_attempt(self, tel: Telemetry) -> None:
+    @on_fake_clock
+    async def test_stage_events_name_stage_and_attempt(self, pipekit_spans: SpanCapture) -> None:
         """Stage-level events carry the stage and attempt; levels follow the documented table."""
-        pipeline = (
-            pk.Pipeline("p")
-            .add_stage(ok("a", undo=undo_fails))
-            .add_stage(make("flaky", Flaky(failures=1)), retry=retrying(FakeSleep()))
-            .add_stage(failing("c"))
-        )
         with capture_logs() as logs:
-            await tel.execute(pipeline)
+            await execute(pipekit_spans, failing_run())
 
         def one(event: str, **fields: Any) -> Mapping[str, Any]:
             found = [e for e in logs if e["event"] == event and fields.items() <= e.items()]
@@ -1213,12 +1338,12 @@ class TestLogs:
         assert finished["status"] == "failed"
         assert finished["log_level"] == "warning"
 
-    async def test_cancelled_stage_is_logged(self, tel: Telemetry) -> None:
+    async def test_cancelled_stage_is_logged(self, pipekit_spans: SpanCapture) -> None:
         """A stage interrupted by cancellation logs ``pipekit.stage.cancelled`` at info (as documented)."""
         gate = Gate()
         pipeline = pk.Pipeline("p").add_stage(make("wait", gate))
         with capture_logs() as logs:
-            async with tel.engine() as engine:
+            async with engine_for(pipekit_spans) as engine:
                 handle = await engine.submit(pipeline)
                 with anyio.fail_after(5):
                     await gate.started.wait()
@@ -1229,17 +1354,18 @@ class TestLogs:
         assert cancelled[0]["log_level"] == "info"
         assert cancelled[0]["request_id"] == handle.id
 
-    async def test_ctx_log_carries_the_stage_span(self, tel: Telemetry) -> None:
+    async def test_ctx_log_carries_the_stage_span(self, pipekit_spans: SpanCapture) -> None:
         """``ctx.log`` inside a stage is bound with stage, attempt and the stage span's trace and span ids."""
 
         async def chatty(ctx: pk.StageContext) -> None:
             ctx.log.info("test.inside", answer=42)
 
         request = pk.PipelineRequest(id="req-9")
+        pipeline = pk.Pipeline("p").add_stage(MockStage("a")).add_stage(make("b", chatty))
         with capture_logs() as logs:
-            assert (await tel.execute(pk.Pipeline("p").add_stage(ok("a")).add_stage(make("b", chatty)), request)).ok
+            assert (await execute(pipekit_spans, pipeline, request)).ok
         (entry,) = [e for e in logs if e["event"] == "test.inside"]
-        trace_id, span_id = hex_ids(tel.tree()["stage b"])
+        trace_id, span_id = hex_ids(pipekit_spans.find("stage b"))
         assert entry["stage"] == "b"
         assert entry["attempt"] == 1
         assert entry["request_id"] == "req-9"
@@ -1248,83 +1374,85 @@ class TestLogs:
         assert entry["span_id"] == span_id
         assert entry["answer"] == 42
 
-    async def test_ctx_log_in_a_retried_attempt(self, tel: Telemetry) -> None:
+    @on_fake_clock
+    async def test_ctx_log_in_a_retried_attempt(self, pipekit_spans: SpanCapture) -> None:
         """``ctx.log`` during attempt 2 says attempt 2 and carries that attempt's span."""
-        flaky = Flaky(failures=1)
+        flaky = MockStage("s", fail_times=1)
 
-        async def chatty(ctx: pk.StageContext) -> int:
+        async def chatty(ctx: pk.StageContext) -> Any:
             ctx.log.info("test.attempt")
-            return await flaky(ctx)
+            return await flaky.execute(ctx)
 
         with capture_logs() as logs:
-            assert (await tel.execute(pk.Pipeline("p").add_stage(make("s", chatty), retry=retrying(FakeSleep())))).ok
+            assert (await execute(pipekit_spans, pk.Pipeline("p").add_stage(make("s", chatty), retry=RETRY))).ok
         entries = [e for e in logs if e["event"] == "test.attempt"]
         assert [e["attempt"] for e in entries] == [1, 2]
-        tree = tel.tree()
-        assert (entries[0]["trace_id"], entries[0]["span_id"]) == hex_ids(tree["stage s"])
-        assert (entries[1]["trace_id"], entries[1]["span_id"]) == hex_ids(tree["stage s attempt 2"])
+        assert (entries[0]["trace_id"], entries[0]["span_id"]) == hex_ids(pipekit_spans.find("stage s"))
+        assert (entries[1]["trace_id"], entries[1]["span_id"]) == hex_ids(pipekit_spans.find("stage s attempt 2"))
 
 
 class TestAuditRegressions:
     """Edge paths found in review: nesting, rollback counts, failing conditions, deadlines, log ids."""
 
-    async def test_nested_pipelines_are_not_executions(self, tel: Telemetry) -> None:
+    async def test_nested_pipelines_are_not_executions(self, pipekit_spans: SpanCapture) -> None:
         """A nested pipeline's run is not counted in pipekit.executions, which agree with engine.metrics."""
-        inner = pk.Pipeline("inner").add_stage(ok("x"))
-        async with tel.engine() as engine:
+        inner = pk.Pipeline("inner").add_stage(MockStage("x"))
+        async with engine_for(pipekit_spans) as engine:
             await engine.execute(inner)
             await engine.execute(pk.Pipeline("outer").add_stage(inner))
             metrics = engine.metrics("inner")
-        executions = tel.totals("pipekit.executions", PIPELINE)
+        executions = totals(pipekit_spans.metric_points("pipekit.executions"), PIPELINE)
         assert executions == {("inner",): 1, ("outer",): 1}
         assert metrics.total_executions == 1
 
-    async def test_rollback_failures_never_exceed_rollbacks(self, tel: Telemetry) -> None:
+    @on_fake_clock
+    async def test_rollback_failures_never_exceed_rollbacks(self, pipekit_spans: SpanCapture) -> None:
         """A rollback that never started before the rollback timeout counts as scheduled and as failed."""
-
-        async def hang(ctx: pk.StageContext) -> None:
-            await anyio.sleep_forever()
-
+        first = MockStage("first")
         pipeline = (
             pk.Pipeline("p")
-            .add_stage(ok("first", undo=undo_ok))
-            .add_stage(ok("second", undo=hang))
-            .add_stage(failing("boom"))
+            .add_stage(first)
+            .add_stage(make("second", MockStage("second").execute, undo=hang))
+            .add_stage(MockStage("boom", error=BoomError))
             .with_rollback(timeout=0.02)
         )
-        assert (await tel.execute(pipeline)).status is pk.Status.FAILED
-        rollbacks = tel.totals("pipekit.rollbacks", STAGE)
-        failures = tel.totals("pipekit.rollback.failures", STAGE)
+        assert (await execute(pipekit_spans, pipeline)).status is pk.Status.FAILED
+        assert first.rollbacks == []  # the rollback timeout ran out while "second" was being undone
+        rollbacks = totals(pipekit_spans.metric_points("pipekit.rollbacks"), STAGE)
+        failures = totals(pipekit_spans.metric_points("pipekit.rollback.failures"), STAGE)
         assert rollbacks == {("first",): 1, ("second",): 1}
         assert failures == {("first",): 1, ("second",): 1}
 
-    async def test_failing_condition_has_an_error_span(self, tel: Telemetry) -> None:
+    async def test_failing_condition_has_an_error_span(self, pipekit_spans: SpanCapture) -> None:
         """A stage whose when= raises appears in the trace as a failed stage span."""
 
         def broken(ctx: pk.StageContext) -> bool:
             raise KeyError("flag")
 
-        response = await tel.execute(pk.Pipeline("p").add_conditional_stage(ok("cond"), broken))
+        cond = MockStage("cond")
+        response = await execute(pipekit_spans, pk.Pipeline("p").add_conditional_stage(cond, broken))
         assert response.status is pk.Status.FAILED
-        span = tel.tree()["stage cond"]
+        assert cond.calls == []
+        span = pipekit_spans.find("stage cond")
         assert span.status.status_code is StatusCode.ERROR
         assert attributes(span)["error.type"] == "KeyError"
 
-    async def test_deadline_interrupted_stage_is_an_error(self, tel: Telemetry) -> None:
+    @on_fake_clock
+    async def test_deadline_interrupted_stage_is_an_error(
+        self, pipekit_spans: SpanCapture, pipekit_clock: FakeClock
+    ) -> None:
         """A stage cut off by the run's deadline is TIMED_OUT and ERROR in the trace."""
-
-        async def forever(ctx: pk.StageContext) -> None:
-            await anyio.sleep_forever()
-
-        response = await tel.execute(pk.Pipeline("p").add_stage(make("slow", forever)).with_timeout(0.02))
+        slow = MockStage("slow", delay=60)
+        response = await execute(pipekit_spans, pk.Pipeline("p").add_stage(slow).with_timeout(0.02))
         assert response.status is pk.Status.TIMED_OUT
-        span = tel.tree()["stage slow"]
+        assert pipekit_clock.elapsed() == pytest.approx(0.02)
+        span = pipekit_spans.find("stage slow")
         assert attributes(span)["pipekit.status"] == "timed_out"
         assert span.status.status_code is StatusCode.ERROR
 
-    async def test_ctx_log_keeps_the_stage_span_after_a_user_span(self, tel: Telemetry) -> None:
+    async def test_ctx_log_keeps_the_stage_span_after_a_user_span(self, pipekit_spans: SpanCapture) -> None:
         """ctx.log first used inside a user span still names the stage span."""
-        tracer = tel.tracer_provider.get_tracer("user")
+        tracer = pipekit_spans.tracer_provider.get_tracer("user")
 
         async def work(ctx: pk.StageContext) -> None:
             with tracer.start_as_current_span("user span"):
@@ -1332,12 +1460,12 @@ class TestAuditRegressions:
             ctx.log.info("user.after")
 
         with capture_logs() as logs:
-            assert (await tel.execute(pk.Pipeline("p").add_stage(make("w", work)))).ok
-        stage_span_id = hex_ids(tel.tree()["stage w"])[1]
+            assert (await execute(pipekit_spans, pk.Pipeline("p").add_stage(make("w", work)))).ok
+        stage_span_id = hex_ids(pipekit_spans.find("stage w"))[1]
         lines = [e for e in logs if e["event"].startswith("user.")]
         assert [e["span_id"] for e in lines] == [stage_span_id, stage_span_id]
 
-    async def test_hook_failure_log_carries_the_current_span(self, tel: Telemetry) -> None:
+    async def test_hook_failure_log_carries_the_current_span(self, pipekit_spans: SpanCapture) -> None:
         """pipekit.hook.failed names the span current when the event was emitted."""
 
         async def broken(event: pk.Event) -> None:
@@ -1347,9 +1475,13 @@ class TestAuditRegressions:
         with capture_logs() as logs:
             response = (
                 await pk.Pipeline("p")
-                .add_stage(ok("a"))
-                .execute(hooks=[broken], tracer_provider=tel.tracer_provider, meter_provider=tel.meter_provider)
+                .add_stage(MockStage("a"))
+                .execute(
+                    hooks=[broken],
+                    tracer_provider=pipekit_spans.tracer_provider,
+                    meter_provider=pipekit_spans.meter_provider,
+                )
             )
         assert response.hook_failures == 1
         (entry,) = [e for e in logs if e["event"] == "pipekit.hook.failed"]
-        assert (entry["trace_id"], entry["span_id"]) == hex_ids(tel.tree()["stage a"])
+        assert (entry["trace_id"], entry["span_id"]) == hex_ids(pipekit_spans.find("stage a"))
