@@ -40,7 +40,7 @@ __all__ = [
 ]
 
 T = TypeVar("T")
-BackendSpec = tuple[str, Mapping[str, Any]]
+BackendSpec = tuple[str, dict[str, Any]]
 
 _NUMERIC_ONLY = socket.AI_NUMERICHOST | getattr(socket, "AI_NUMERICSERV", 0)
 
@@ -165,7 +165,9 @@ class FakeClockEventLoop(asyncio.SelectorEventLoop):
         return await super().getaddrinfo(host, port, family=family, type=type, proto=proto, flags=flags)
 
 
-def fake_clock_backend(backend: str | BackendSpec = "asyncio", *, autojump_threshold: float = 0.0) -> BackendSpec:
+def fake_clock_backend(
+    backend: str | tuple[str, Mapping[str, Any]] = "asyncio", *, autojump_threshold: float = 0.0
+) -> BackendSpec:
     """The ``anyio_backend`` value running ``backend`` on a fresh fake clock.
 
     Use it to put a whole test module (or suite) on virtual time::
@@ -270,4 +272,4 @@ def run_with_fake_clock(
     import anyio  # noqa: PLC0415 - keep the module light for the pytest plugin
 
     name, options = fake_clock_backend(backend, autojump_threshold=autojump_threshold)
-    return anyio.run(fn, *args, backend=name, backend_options=dict(options))
+    return anyio.run(fn, *args, backend=name, backend_options=options)
