@@ -1,24 +1,32 @@
-"""Property tests: compensation over random DAGs with random failures, on asyncio and trio."""
+"""Property tests: compensation over random DAGs with random failures, on asyncio and trio.
+
+Each example runs on the fake clock (`pipekit.testing.run_with_fake_clock`): stages and their
+rollbacks take virtual time, so the interleavings vary with the drawn durations and no example
+waits for real.
+"""
 
 from __future__ import annotations
 
-from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Any
 
 import anyio
-import anyio.lowlevel
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import pipekit as pk
+from pipekit.testing import MockStage, run_with_fake_clock
 
 BACKENDS = pytest.mark.parametrize("backend", ["asyncio", "trio"])
 PROPERTY_SETTINGS = settings(max_examples=200, deadline=None, database=None)
 
+DEADLOCK_GUARD = 10_000.0
+"""Virtual seconds after which a run counts as stuck (a real run takes under 40)."""
+
 
 class BoomError(Exception):
-    """The failure a generated stage raises."""
+    """The failure a generated stage (or its rollback) raises."""
 
 
 @dataclass(frozen=True)
@@ -31,7 +39,38 @@ class NodeSpec:
     skipped: bool
     rollback: bool
     rollback_fails: bool
-    checkpoints: int
+    seconds: int
+    undo_seconds: float
+
+
+class GeneratedStage(MockStage):
+    """A `MockStage` for one generated node that also records how its call ended, and whose rollback takes time.
+
+    The kit's MockStage records each call as it starts, but not whether it completed, and its
+    ``delay`` applies to ``execute`` only. Here ``undo_started`` holds when each rollback started,
+    and ``rollbacks`` records each rollback as it ends (then raises ``rollback_error``, if any).
+    """
+
+    def __init__(self, name: str, *, undo_seconds: float, **kwargs: Any) -> None:
+        super().__init__(name, **kwargs)
+        self.undo_seconds = undo_seconds
+        self.completed = False
+        self.raised = False
+        self.undo_started: list[float] = []
+
+    async def execute(self, ctx: pk.StageContext) -> Any:
+        try:
+            output = await super().execute(ctx)
+        except Exception:
+            self.raised = True
+            raise
+        self.completed = True
+        return output
+
+    async def rollback(self, ctx: pk.StageContext) -> None:
+        self.undo_started.append(anyio.current_time())
+        await anyio.sleep(self.undo_seconds)
+        await super().rollback(ctx)
 
 
 @dataclass
@@ -39,19 +78,31 @@ class Observed:
     """What happened in one run of a generated DAG."""
 
     response: pk.PipelineResponse
-    completed: set[int] = field(default_factory=set)
-    raised: set[int] = field(default_factory=set)
-    undo_log: list[tuple[str, int]] = field(default_factory=list)
-    undo_errors: dict[int, Exception] = field(default_factory=dict)
+    stages: list[GeneratedStage]
 
     @property
-    def compensated(self) -> list[int]:
-        """Stages whose rollback was called, in call order."""
-        return [i for what, i in self.undo_log if what == "start"]
+    def completed(self) -> set[int]:
+        """Stages whose execute returned."""
+        return {i for i, s in enumerate(self.stages) if s.completed}
 
-    def position(self, what: str, i: int) -> int:
-        """Where ``(what, i)`` is in the rollback log."""
-        return self.undo_log.index((what, i))
+    @property
+    def raised(self) -> set[int]:
+        """Stages whose execute raised."""
+        return {i for i, s in enumerate(self.stages) if s.raised}
+
+    @property
+    def compensated(self) -> set[int]:
+        """Stages whose rollback was called."""
+        return {i for i, s in enumerate(self.stages) if s.undo_started}
+
+    @property
+    def undo_errors(self) -> dict[int, BaseException]:
+        """The errors the rollbacks that were called raised."""
+        return {
+            i: s.rollback_error
+            for i, s in enumerate(self.stages)
+            if s.undo_started and isinstance(s.rollback_error, BaseException)
+        }
 
 
 def name(i: int) -> str:
@@ -66,8 +117,15 @@ def one_in(n: int) -> st.SearchStrategy[bool]:
 
 @st.composite
 def dags(draw: st.DrawFn, *, failures: bool = True) -> tuple[NodeSpec, ...]:
-    """Up to 8 stages; edges only from lower to higher index, so the graph is acyclic."""
+    """Up to 8 stages; edges only from lower to higher index, so the graph is acyclic.
+
+    A stage takes 0 to 3 virtual seconds. Its rollback takes a distinct power of two (1/16 s to
+    8 s, so a chain of them stays within the default rollback timeout): every rollback then ends at
+    an instant no other can (a distinct sum, exact in binary floating point), so comparing virtual
+    times orders a rollback's start after another's end exactly.
+    """
     size = draw(st.integers(min_value=1, max_value=8))
+    powers = draw(st.permutations(range(size)))
     nodes: list[NodeSpec] = []
     for i in range(size):
         deps = draw(st.sets(st.integers(min_value=0, max_value=i - 1), max_size=3)) if i else set()
@@ -79,7 +137,8 @@ def dags(draw: st.DrawFn, *, failures: bool = True) -> tuple[NodeSpec, ...]:
                 skipped=draw(one_in(6)),
                 rollback=not draw(one_in(4)),
                 rollback_fails=failures and draw(one_in(6)),
-                checkpoints=draw(st.integers(min_value=0, max_value=3)),
+                seconds=draw(st.integers(min_value=0, max_value=3)),
+                undo_seconds=2 ** powers[i] / 16,
             )
         )
     return tuple(nodes)
@@ -95,93 +154,78 @@ def descendants(spec: tuple[NodeSpec, ...], i: int) -> set[int]:
 
 
 async def run_dag(spec: tuple[NodeSpec, ...]) -> Observed:
-    """Build the pipeline for ``spec``, run it, and record executions and rollbacks."""
-    completed: set[int] = set()
-    raised: set[int] = set()
-    undo_log: list[tuple[str, int]] = []
-    undo_errors: dict[int, Exception] = {}
-
-    def make(i: int, node: NodeSpec) -> pk.FunctionStage:
-        async def execute(ctx: pk.StageContext) -> int:
-            for _ in range(node.checkpoints):
-                await anyio.lowlevel.checkpoint()
-            if node.fails:
-                raised.add(i)
-                raise BoomError(name(i))
-            completed.add(i)
-            return i
-
-        async def undo(ctx: pk.StageContext) -> None:
-            undo_log.append(("start", i))
-            try:
-                for _ in range(node.checkpoints):
-                    await anyio.lowlevel.checkpoint()
-                if node.rollback_fails:
-                    error = undo_errors[i] = BoomError(f"undo {name(i)}")
-                    raise error
-            finally:
-                undo_log.append(("done", i))
-
-        return pk.FunctionStage(name=name(i), fn=execute, rollback_fn=undo if node.rollback else None)
-
+    """Build the pipeline for ``spec`` from mock stages, run it, and return what they recorded."""
+    stages = [
+        GeneratedStage(
+            name(i),
+            delay=node.seconds,
+            error=BoomError(name(i)) if node.fails else None,
+            rollback_error=BoomError(f"undo {name(i)}") if node.rollback_fails else None,
+            undo_seconds=node.undo_seconds,
+        )
+        for i, node in enumerate(spec)
+    ]
     pipeline = pk.Pipeline("generated")
-    for i, node in enumerate(spec):
+    for node, mock in zip(spec, stages, strict=True):
+        # Without a rollback, only the mock's execute is used (a MockStage always has a rollback).
+        stage = mock if node.rollback else pk.FunctionStage(name=mock.name, fn=mock.execute)
         depends_on = tuple(name(d) for d in node.deps)
         if node.skipped:
             pipeline = pipeline.add_conditional_stage(
-                make(i, node),
+                stage,
                 lambda ctx: False,
                 depends_on=depends_on,
                 continue_on_error=node.continue_on_error,
             )
         else:
-            pipeline = pipeline.add_stage(
-                make(i, node),
-                depends_on=depends_on,
-                continue_on_error=node.continue_on_error,
-            )
-    with anyio.fail_after(10):
+            pipeline = pipeline.add_stage(stage, depends_on=depends_on, continue_on_error=node.continue_on_error)
+    with anyio.fail_after(DEADLOCK_GUARD):
         response = await pipeline.execute()
-    return Observed(response=response, completed=completed, raised=raised, undo_log=undo_log, undo_errors=undo_errors)
+    return Observed(response=response, stages=stages)
 
 
 def check_compensation(spec: tuple[NodeSpec, ...], seen: Observed) -> None:
     """Assert the rollback properties for one run."""
+    stages = seen.stages
     compensated = seen.compensated
-    counts = Counter(compensated)
+    counts = {i: len(stages[i].undo_started) for i in compensated}
     assert all(n == 1 for n in counts.values()), f"compensated more than once: {counts}"
-    assert Counter(i for what, i in seen.undo_log if what == "done") == counts
+    assert {i: len(s.rollbacks) for i, s in enumerate(stages) if s.rollbacks} == counts  # every rollback ended
 
     # No uncompleted stage is compensated (skipped ones never even execute).
-    assert set(compensated) <= seen.completed
+    assert compensated <= seen.completed
     assert not any(spec[i].skipped for i in seen.completed | seen.raised)
+    assert all(stages[i].calls == [] for i, node in enumerate(spec) if node.skipped)
 
     hard_failure = any(not spec[i].continue_on_error for i in seen.raised)
     assert seen.response.ok is not hard_failure
     if seen.response.ok:
-        assert compensated == []
+        assert compensated == set()
     else:
         # Every completed stage with a rollback is compensated, failing rollbacks notwithstanding.
-        assert set(compensated) == {i for i in seen.completed if spec[i].rollback}
+        assert compensated == {i for i in seen.completed if spec[i].rollback}
 
-    # A stage is compensated only after all its compensated descendants.
+    # A stage is compensated only after all its compensated descendants (see dags() on exactness).
     for i in compensated:
-        for d in descendants(spec, i) & set(compensated):
-            assert seen.position("done", d) < seen.position("start", i), f"{name(i)} undone before {name(d)}"
+        for d in descendants(spec, i) & compensated:
+            [started] = stages[i].undo_started
+            [ended] = stages[d].rollbacks
+            assert started >= ended.time, f"{name(i)} undone before {name(d)}"
 
+    undo_errors = seen.undo_errors
     for i in range(len(spec)):
         result = seen.response.stages[name(i)]
-        undone = i in counts and i not in seen.undo_errors
+        undone = i in compensated and i not in undo_errors
         assert result.rolled_back is undone
         assert (result.status is pk.Status.ROLLED_BACK) is undone
-        assert result.rollback_error is seen.undo_errors.get(i)
+        assert result.rollback_error is undo_errors.get(i)
 
     # Rollback errors are attached to the run's error, never replacing it.
     error = seen.response.error
-    if seen.undo_errors:
+    if undo_errors:
         assert isinstance(error, pk.StageFailedError)
         assert isinstance(error.rollback_error, pk.RollbackError)
-        assert {id(e) for e in error.rollback_error.exceptions} == {id(e) for e in seen.undo_errors.values()}
+        assert {id(e) for e in error.rollback_error.exceptions} == {id(e) for e in undo_errors.values()}
     elif error is not None:
         assert error.rollback_error is None
 
@@ -192,15 +236,23 @@ class TestCompensationProperties:
     @given(spec=dags())
     def test_random_dags_with_random_failures(self, backend: str, spec: tuple[NodeSpec, ...]) -> None:
         """Completed stages with a rollback are undone exactly once, after their dependents; nothing else is."""
-        seen = anyio.run(run_dag, spec, backend=backend)
+        seen = run_with_fake_clock(run_dag, spec, backend=backend)
         check_compensation(spec, seen)
 
     @BACKENDS
     @PROPERTY_SETTINGS
     @given(spec=dags(failures=False))
     def test_nothing_fails_nothing_is_compensated(self, backend: str, spec: tuple[NodeSpec, ...]) -> None:
-        """A run in which no stage fails succeeds and rolls nothing back."""
-        seen = anyio.run(run_dag, spec, backend=backend)
+        """A run in which no stage fails succeeds and rolls nothing back; each stage starts as its dependencies end."""
+        seen = run_with_fake_clock(run_dag, spec, backend=backend)
         assert seen.response.ok
-        assert seen.undo_log == []
+        assert seen.compensated == set()
+        assert all(s.rollbacks == [] for s in seen.stages)
         assert seen.completed == {i for i, node in enumerate(spec) if not node.skipped}
+        ends: list[float] = []
+        for i, node in enumerate(spec):
+            start = max((ends[d] for d in node.deps), default=0.0)
+            if not node.skipped:
+                assert seen.stages[i].calls[0].time == start, f"{name(i)} did not start as its dependencies ended"
+            ends.append(start if node.skipped else start + node.seconds)
+        assert seen.response.duration == max(ends)
