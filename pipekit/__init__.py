@@ -35,6 +35,7 @@ from ._events import StageRolledBack as StageRolledBack
 from ._events import StageSkipped as StageSkipped
 from ._events import StageStarted as StageStarted
 from ._events import StageSucceeded as StageSucceeded
+from ._exports import fixup_module_metadata as _fixup
 from ._pipeline import AtomicPipeline as AtomicPipeline
 from ._pipeline import Hook as Hook
 from ._pipeline import Pipeline as Pipeline
@@ -105,16 +106,5 @@ __all__ = (
 )
 
 
-def _fixup_module_metadata(namespace: dict[str, object]) -> None:
-    # Make reprs and tracebacks say pipekit.X rather than pipekit._module.X.
-    for name in __all__:
-        obj = namespace[name]
-        if getattr(obj, "__module__", "").startswith("pipekit._"):
-            try:
-                obj.__module__ = __name__
-            except (AttributeError, TypeError):  # pragma: no cover - builtins
-                continue
-
-
-_fixup_module_metadata(globals())
-del _fixup_module_metadata
+_fixup(__name__, globals(), __all__)
+del _fixup

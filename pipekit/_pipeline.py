@@ -230,23 +230,19 @@ class Pipeline:
             PipelineDefinitionError: For a duplicate name, a self-dependency, a
                 cycle or an invalid option.
         """
-        return self._with_entries(
-            [
-                self._entry(
-                    stage,
-                    self._next_group(),
-                    retry=retry,
-                    timeout=timeout,
-                    depends_on=depends_on,
-                    continue_on_error=continue_on_error,
-                )
-            ]
+        return self.add_conditional_stage(
+            stage,
+            None,
+            retry=retry,
+            timeout=timeout,
+            depends_on=depends_on,
+            continue_on_error=continue_on_error,
         )
 
     def add_conditional_stage(
         self,
         stage: Stage,
-        when: Condition,
+        when: Condition | None,
         *,
         retry: RetryPolicy | None = None,
         timeout: float | None = None,
@@ -261,6 +257,7 @@ class Pipeline:
         Args:
             stage: The stage.
             when: ``(ctx) -> bool``; an exception from it fails the stage.
+                None runs the stage unconditionally (as `add_stage`).
             retry: As for `add_stage`.
             timeout: As for `add_stage`.
             depends_on: As for `add_stage`.

@@ -12,25 +12,6 @@ import pipekit as pk
 from pipekit.testing import MockStage, assert_rolled_back, assert_status
 
 
-class Gate:
-    """A stage body's handshake: it signals ``started`` and waits for ``release``."""
-
-    def __init__(self) -> None:
-        self.started = anyio.Event()
-        self.release = anyio.Event()
-
-
-def gated(name: str, gate: Gate) -> pk.FunctionStage:
-    """A stage that signals it started and returns its name once the gate is released."""
-
-    async def run(ctx: pk.StageContext) -> str:
-        gate.started.set()
-        await gate.release.wait()
-        return name
-
-    return pk.stage(name=name)(run)
-
-
 def hanging(name: str, started: anyio.Event, interrupted: list[str]) -> pk.FunctionStage:
     """A stage that signals it started, then waits forever, noting when it is interrupted."""
 
@@ -104,18 +85,18 @@ class TestSubmit:
 
     async def test_status_goes_pending_running_final(self) -> None:
         """A handle is PENDING while queued, RUNNING while its run is under way, then final."""
-        gate = Gate()
+        gate = MockStage("block", output="block", block=True)
         with anyio.fail_after(5):
             async with pk.Engine(max_concurrent=1) as engine:
-                first = await engine.submit(pk.Pipeline("blocker").add_stage(gated("block", gate)))
-                await gate.started.wait()
+                first = await engine.submit(pk.Pipeline("blocker").add_stage(gate))
+                await gate.wait_started()
                 second = await engine.submit(pk.Pipeline("next").add_stage(MockStage("after")))
                 await anyio.wait_all_tasks_blocked()
                 assert status_of(first) is pk.Status.RUNNING
                 assert status_of(second) is pk.Status.PENDING
                 assert not first.done()
                 assert first.response is None
-                gate.release.set()
+                gate.release()
                 await second.wait()
         assert first.status is pk.Status.SUCCEEDED
         assert second.status is pk.Status.SUCCEEDED
@@ -204,7 +185,7 @@ class TestConcurrency:
 
     async def test_submit_waits_while_mailbox_is_full(self) -> None:
         """With one slot busy and the mailbox full, submit blocks until the first run is released."""
-        gate = Gate()
+        gate = MockStage("block", output="block", block=True)
         q = MockStage("q")
         quick = pk.Pipeline("quick").add_stage(q)
         returned: list[pk.ExecutionHandle] = []
@@ -212,8 +193,8 @@ class TestConcurrency:
 
         with anyio.fail_after(5):
             async with pk.Engine(max_concurrent=1, mailbox_size=1) as engine:
-                first = await engine.submit(pk.Pipeline("blocker").add_stage(gated("block", gate)))
-                await gate.started.wait()
+                first = await engine.submit(pk.Pipeline("blocker").add_stage(gate))
+                await gate.wait_started()
 
                 async def submit_all() -> None:
                     for _ in range(attempted):
@@ -230,7 +211,7 @@ class TestConcurrency:
                     assert all(h.status is pk.Status.PENDING for h in returned)
                     await anyio.wait_all_tasks_blocked()
                     assert len(returned) == blocked_at
-                    gate.release.set()
+                    gate.release()
                 assert len(returned) == attempted
                 responses = [await h.wait() for h in returned]
         assert first.status is pk.Status.SUCCEEDED
@@ -239,12 +220,12 @@ class TestConcurrency:
 
     async def test_zero_mailbox_hands_over_directly(self) -> None:
         """With mailbox_size=0 a submit waits until the actor takes the execution."""
-        gate = Gate()
+        gate = MockStage("block", output="block", block=True)
         returned: list[pk.ExecutionHandle] = []
         with anyio.fail_after(5):
             async with pk.Engine(max_concurrent=1, mailbox_size=0) as engine:
-                await engine.submit(pk.Pipeline("blocker").add_stage(gated("block", gate)))
-                await gate.started.wait()
+                await engine.submit(pk.Pipeline("blocker").add_stage(gate))
+                await gate.wait_started()
 
                 async def submit_two() -> None:
                     for _ in range(2):
@@ -254,7 +235,7 @@ class TestConcurrency:
                     tg.start_soon(submit_two)
                     await anyio.wait_all_tasks_blocked()
                     assert len(returned) == 0
-                    gate.release.set()
+                    gate.release()
         assert len(returned) == 2
         assert all(h.status is pk.Status.SUCCEEDED for h in returned)
 
@@ -293,19 +274,19 @@ class TestCancel:
 
     async def test_cancel_queued_execution_runs_no_stage(self) -> None:
         """Cancelling a queued execution settles it CANCELLED without starting any of its stages."""
-        gate = Gate()
+        gate = MockStage("block", output="block", block=True)
         a, b = MockStage("a"), MockStage("b")
         queued_pipeline = pk.Pipeline("queued").add_stage(a).add_stage(b)
         with anyio.fail_after(5):
             async with pk.Engine(max_concurrent=1) as engine:
-                first = await engine.submit(pk.Pipeline("blocker").add_stage(gated("block", gate)))
-                await gate.started.wait()
+                first = await engine.submit(pk.Pipeline("blocker").add_stage(gate))
+                await gate.wait_started()
                 queued = await engine.submit(queued_pipeline)
                 status_before = status_of(queued)
                 response = await queued.cancel()
                 status_after = status_of(queued)
                 first_status = status_of(first)
-                gate.release.set()
+                gate.release()
         assert status_before is pk.Status.PENDING
         assert first_status is pk.Status.RUNNING
         assert a.calls == b.calls == []
@@ -318,18 +299,18 @@ class TestCancel:
 
     async def test_cancelled_queued_execution_is_not_run_later(self) -> None:
         """Once cancelled while queued, the actor skips the execution when its turn comes."""
-        gate = Gate()
+        gate = MockStage("block", output="block", block=True)
         late = MockStage("late")
         after_stage = MockStage("after")
 
         with anyio.fail_after(5):
             async with pk.Engine(max_concurrent=1) as engine:
-                await engine.submit(pk.Pipeline("blocker").add_stage(gated("block", gate)))
-                await gate.started.wait()
+                await engine.submit(pk.Pipeline("blocker").add_stage(gate))
+                await gate.wait_started()
                 queued = await engine.submit(pk.Pipeline("queued").add_stage(late))
                 after = await engine.submit(pk.Pipeline("after").add_stage(after_stage))
                 await queued.cancel()
-                gate.release.set()
+                gate.release()
                 await after.wait()
         assert late.calls == []
         assert [call.request_id for call in after_stage.calls] == [after.id]
@@ -376,15 +357,15 @@ class TestLookup:
 
     async def test_list_filters_by_status(self) -> None:
         """``list`` returns executions oldest first, optionally only those in one status."""
-        gate = Gate()
+        gate = MockStage("g", output="g", block=True)
         with anyio.fail_after(5):
             async with pk.Engine(max_concurrent=1) as engine:
                 ok = await engine.submit(pk.Pipeline("ok").add_stage(MockStage("a")))
                 await ok.wait()
                 bad = await engine.submit(pk.Pipeline("bad").add_stage(MockStage("b", error=RuntimeError)))
                 await bad.wait()
-                running = await engine.submit(pk.Pipeline("running").add_stage(gated("g", gate)))
-                await gate.started.wait()
+                running = await engine.submit(pk.Pipeline("running").add_stage(gate))
+                await gate.wait_started()
                 pending = await engine.submit(pk.Pipeline("pending").add_stage(MockStage("c")))
                 assert engine.list() == [ok, bad, running, pending]
                 assert engine.list(status=pk.Status.SUCCEEDED) == [ok]
@@ -392,7 +373,7 @@ class TestLookup:
                 assert engine.list(status=pk.Status.RUNNING) == [running]
                 assert engine.list(status=pk.Status.PENDING) == [pending]
                 assert engine.list(status=pk.Status.CANCELLED) == []
-                gate.release.set()
+                gate.release()
         assert engine.list(status=pk.Status.SUCCEEDED) == [ok, running, pending]
 
 
@@ -461,25 +442,24 @@ class TestLifecycle:
 
     async def test_leaving_waits_for_running_and_queued(self) -> None:
         """Leaving the block waits until the running and the queued executions finished."""
-        gate = Gate()
+        gate = MockStage("g", output="g", block=True)
         exiting = False
         finished_while_exiting: list[bool] = []
 
         @pk.stage
         async def note(ctx: pk.StageContext) -> None:
-            await gate.release.wait()
-            finished_while_exiting.append(exiting)
+            finished_while_exiting.append(exiting)  # runs after "g", so after the release
 
-        pipeline = pk.Pipeline("p").add_stage(gated("g", gate)).add_stage(note)
+        pipeline = pk.Pipeline("p").add_stage(gate).add_stage(note)
         with anyio.fail_after(5):
             async with pk.Engine(max_concurrent=1) as engine:
                 running = await engine.submit(pipeline)
                 queued = await engine.submit(pipeline)
-                await gate.started.wait()
+                await gate.wait_started()
                 assert status_of(running) is pk.Status.RUNNING
                 assert status_of(queued) is pk.Status.PENDING
                 exiting = True
-                gate.release.set()
+                gate.release()
         assert finished_while_exiting == [True, True]
         assert running.status is pk.Status.SUCCEEDED
         assert queued.status is pk.Status.SUCCEEDED
@@ -590,30 +570,30 @@ class TestCancellationWindows:
 
     async def test_cancel_reaches_a_run_waiting_for_an_atomic_lock(self) -> None:
         """handle.cancel() of a run queued behind another run of the same atomic pipeline returns at once."""
-        gate = Gate()
-        pipeline = pk.AtomicPipeline("atomic").add_stage(gated("work", gate))
+        gate = MockStage("work", output="work", block=True)
+        pipeline = pk.AtomicPipeline("atomic").add_stage(gate)
         with anyio.fail_after(5):
             async with pk.Engine(max_concurrent=2) as engine:
                 first = await engine.submit(pipeline)
-                await gate.started.wait()
+                await gate.wait_started()
                 second = await engine.submit(pipeline)
                 await anyio.wait_all_tasks_blocked()
                 response = await second.cancel()
                 assert response.status is pk.Status.CANCELLED
                 assert response.stages["work"].status is pk.Status.SKIPPED
                 assert not first.done()  # the first run was not waited for
-                gate.release.set()
+                gate.release()
         assert first.status is pk.Status.SUCCEEDED
 
     async def test_owner_cancelled_while_a_run_waits_for_an_atomic_lock(self) -> None:
         """Both the running and the lock-waiting atomic run end CANCELLED with responses."""
-        gate = Gate()
-        pipeline = pk.AtomicPipeline("atomic").add_stage(gated("work", gate))
+        gate = MockStage("work", output="work", block=True)
+        pipeline = pk.AtomicPipeline("atomic").add_stage(gate)
         with anyio.fail_after(5):
             with anyio.CancelScope() as scope:
                 async with pk.Engine(max_concurrent=2) as engine:
                     first = await engine.submit(pipeline)
-                    await gate.started.wait()
+                    await gate.wait_started()
                     second = await engine.submit(pipeline)
                     await anyio.wait_all_tasks_blocked()
                     scope.cancel()

@@ -15,25 +15,6 @@ from pipekit.testing import FakeClock, MockStage, MockStageError, capture_logs
 on_fake_clock = pytest.mark.pipekit_clock(backends=[("asyncio", {"debug": True}), "trio"])
 
 
-class Gate:
-    """A stage body's handshake: it signals ``started`` and waits for ``release``."""
-
-    def __init__(self) -> None:
-        self.started = anyio.Event()
-        self.release = anyio.Event()
-
-
-def gated(name: str, gate: Gate) -> pk.FunctionStage:
-    """A stage that signals it started and returns its name once the gate is released."""
-
-    async def run(ctx: pk.StageContext) -> str:
-        gate.started.set()
-        await gate.release.wait()
-        return name
-
-    return pk.stage(name=name)(run)
-
-
 def kinds(events: list[pk.Event]) -> list[tuple[str, str | None]]:
     """Each event as (class name, stage)."""
     return [(type(e).__name__, e.stage) for e in events]
@@ -207,14 +188,14 @@ class TestRunEvents:
 
     async def test_interrupted_sibling_emits_stage_cancelled(self) -> None:
         """Fail-fast interrupts a running sibling, which emits StageCancelled naming the culprit."""
-        gate = Gate()
+        gate = MockStage("slow", output="slow", block=True)
 
         @pk.stage
         async def fails(ctx: pk.StageContext) -> None:
-            await gate.started.wait()
+            await gate.wait_started()
             raise RuntimeError("boom")
 
-        pipeline = pk.Pipeline("p").add_parallel_stages(fails, gated("slow", gate))
+        pipeline = pk.Pipeline("p").add_parallel_stages(fails, gate)
         response, events = await run_in_engine(pipeline)
         assert response.status is pk.Status.FAILED
         cancelled = [e for e in events if isinstance(e, pk.StageCancelled)]
@@ -228,12 +209,12 @@ class TestRunEvents:
 
     async def test_handle_cancel_emits_cancelled_events(self) -> None:
         """Cancelling a running execution emits StageCancelled, rollback events and a CANCELLED finish."""
-        gate = Gate()
-        pipeline = pk.Pipeline("p").add_stage(MockStage("a")).add_stage(gated("b", gate))
+        gate = MockStage("b", output="b", block=True)
+        pipeline = pk.Pipeline("p").add_stage(MockStage("a")).add_stage(gate)
         with anyio.fail_after(5):
             async with pk.Engine() as engine:
                 handle = await engine.submit(pipeline)
-                await gate.started.wait()
+                await gate.wait_started()
                 await handle.cancel()
             events = [e async for e in handle.events()]
         assert kinds(events)[-5:] == [
@@ -297,16 +278,16 @@ class TestHandleEvents:
 
     async def test_called_mid_run_yields_earlier_events_then_live_ones(self) -> None:
         """Called while a stage runs, it first yields the events so far, then follows until PipelineFinished."""
-        gate = Gate()
-        pipeline = pk.Pipeline("p").add_stage(MockStage("a")).add_stage(gated("b", gate)).add_stage(MockStage("c"))
+        gate = MockStage("b", output="b", block=True)
+        pipeline = pk.Pipeline("p").add_stage(MockStage("a")).add_stage(gate).add_stage(MockStage("c"))
         with anyio.fail_after(5):
             async with pk.Engine() as engine:
                 handle = await engine.submit(pipeline)
-                await gate.started.wait()
+                await gate.wait_started()
                 stream = handle.events()
                 early = [await anext(stream) for _ in range(4)]
                 assert handle.status is pk.Status.RUNNING
-                gate.release.set()
+                gate.release()
                 rest = [e async for e in stream]
         assert kinds(early) == [
             ("PipelineStarted", None),
@@ -324,14 +305,14 @@ class TestHandleEvents:
 
     async def test_called_while_queued_yields_the_whole_run(self) -> None:
         """Called before the execution started, it yields the whole run once it happens."""
-        gate = Gate()
+        gate = MockStage("g", output="g", block=True)
         with anyio.fail_after(5):
             async with pk.Engine(max_concurrent=1) as engine:
-                await engine.submit(pk.Pipeline("blocker").add_stage(gated("g", gate)))
-                await gate.started.wait()
+                await engine.submit(pk.Pipeline("blocker").add_stage(gate))
+                await gate.wait_started()
                 queued = await engine.submit(pk.Pipeline("p").add_stage(MockStage("a")))
                 stream = queued.events()
-                gate.release.set()
+                gate.release()
                 events = [e async for e in stream]
         assert kinds(events) == [
             ("PipelineStarted", None),
@@ -361,7 +342,7 @@ class TestEngineEvents:
     async def test_delivers_events_of_several_executions_and_ends_on_close(self) -> None:
         """A subscriber sees both executions' complete sequences, and its iteration ends when the engine closes."""
         collected: list[pk.Event] = []
-        gate = Gate()
+        gate = MockStage("g", output="g", block=True)
         with anyio.fail_after(5):
             async with anyio.create_task_group() as tg, pk.Engine() as engine:
                 stream = engine.events()
@@ -371,11 +352,11 @@ class TestEngineEvents:
                         collected.append(event)
 
                 tg.start_soon(collect)
-                one = await engine.submit(pk.Pipeline("one").add_stage(gated("g", gate)))
+                one = await engine.submit(pk.Pipeline("one").add_stage(gate))
                 two = await engine.submit(pk.Pipeline("two").add_stage(MockStage("a")))
-                await gate.started.wait()
+                await gate.wait_started()
                 await two.wait()
-                gate.release.set()
+                gate.release()
             one_events = [e async for e in one.events()]
             two_events = [e async for e in two.events()]
         assert [e for e in collected if e.request_id == one.id] == one_events

@@ -15,6 +15,8 @@
 
 from __future__ import annotations
 
+from pipekit._exports import fixup_module_metadata as _fixup
+
 from ._assert import assert_rolled_back as assert_rolled_back
 from ._assert import assert_stage_order as assert_stage_order
 from ._assert import assert_status as assert_status
@@ -58,15 +60,5 @@ __all__ = (
 )
 
 
-def _fixup_module_metadata(namespace: dict[str, object]) -> None:
-    for name in __all__:
-        obj = namespace[name]
-        if getattr(obj, "__module__", "").startswith("pipekit.testing._"):
-            try:
-                obj.__module__ = __name__
-            except (AttributeError, TypeError):  # pragma: no cover
-                continue
-
-
-_fixup_module_metadata(globals())
-del _fixup_module_metadata
+_fixup(__name__, globals(), __all__)
+del _fixup

@@ -87,6 +87,9 @@ class MockStage(BaseStage):
             `MockStageError`), later ones succeed: for testing retries.
         delay: Seconds each call sleeps before finishing (on the fake clock
             when one is running).
+        block: Each call waits, once it has started, until `release` is
+            called: hold a stage open to cancel it, or to fill an engine.
+            `wait_started` waits for a call to be in progress.
         rollback: Whether the stage can roll back (``False``: a stage without
             a rollback, so it is never compensated).
         rollback_error: Raised by ``rollback`` when given.
@@ -108,6 +111,7 @@ class MockStage(BaseStage):
         error: BaseException | type[BaseException] | str | None = None,
         fail_times: int = 0,
         delay: float = 0.0,
+        block: bool = False,
         rollback: bool = True,
         rollback_error: BaseException | type[BaseException] | str | None = None,
         rollback_delay: float = 0.0,
@@ -137,6 +141,9 @@ class MockStage(BaseStage):
         self.error = error
         self.fail_times = fail_times
         self.delay = float(delay)
+        self.block = bool(block)
+        self._started: anyio.Event | None = None
+        self._released: anyio.Event | None = None
         self.rollback_error = rollback_error
         self.rollback_delay = float(rollback_delay)
         self.validate_error = validate_error
@@ -154,6 +161,25 @@ class MockStage(BaseStage):
         """Whether ``rollback`` was called at least once."""
         return bool(self.rollbacks)
 
+    def _events(self) -> tuple[anyio.Event, anyio.Event]:
+        # Made on first use, inside the event loop the test runs on.
+        if self._started is None or self._released is None:
+            self._started, self._released = anyio.Event(), anyio.Event()
+        return self._started, self._released
+
+    async def wait_started(self) -> None:
+        """Wait until a call of this stage has started (for a ``block=True`` mock: is being held)."""
+        await self._events()[0].wait()
+
+    def release(self) -> None:
+        """Let held (``block=True``) calls finish, now and from now on."""
+        self._events()[1].set()
+
+    @property
+    def released(self) -> bool:
+        """Whether `release` was called."""
+        return self._events()[1].is_set()
+
     def reset(self) -> None:
         """Forget every recorded call (the failure plan starts over too)."""
         self.calls.clear()
@@ -163,6 +189,10 @@ class MockStage(BaseStage):
     async def execute(self, ctx: StageContext) -> Any:
         """Record the call, sleep ``delay``, then fail or return ``output`` as planned."""
         self.calls.append(_snapshot(ctx))
+        started, released = self._events()
+        started.set()
+        if self.block:
+            await released.wait()
         if self.delay:
             await anyio.sleep(self.delay)
         if self.fail_times:
