@@ -359,6 +359,7 @@ class Engine:
             if handle._response is not None:
                 self._record(tally, handle._response, dry_run=handle.request.options.dry_run)
             handle._log.close()
+            handle._run = None  # the response has what is worth keeping; let the run go
             handle._done.set()
             self._retire(handle)
 
@@ -389,7 +390,8 @@ class Engine:
         if self._send is None or self._closed:
             raise RuntimeError("the Engine is not running; use `async with Engine() as engine:`")
         request = make_request(pipeline, request, input, "Engine.submit()")
-        pipeline.plan()
+        if not request.options.dry_run:  # a dry run reports a broken definition in its response
+            pipeline.plan()
         if request.id in self._handles:
             raise RuntimeError(f"an execution with request id {request.id!r} already exists")
         handle = ExecutionHandle(self, pipeline, request, self._execution_history)

@@ -127,14 +127,14 @@ class Emitter:
         self.on_hook_failure = on_hook_failure
         self.instruments = instruments
         self.hook_timeout = hook_timeout
-        self.disabled: set[int] = set()
+        self.disabled: set[int] = set()  # ids of hooks that overran
         self.root = root
 
     def extend(self, hooks: Sequence[Hook]) -> Emitter:
         """An emitter that also awaits ``hooks`` (a nested pipeline's own); failures count here too."""
         if not hooks:
             return self
-        return Emitter(
+        child = Emitter(
             (*self.hooks, *hooks),
             self.listeners,
             self._failed,
@@ -142,6 +142,8 @@ class Emitter:
             hook_timeout=self.hook_timeout,
             root=self.root,
         )
+        child.disabled = self.disabled  # a hook that overran stays off in nested runs too
+        return child
 
     def _failed(self) -> None:
         self.failures += 1
@@ -151,14 +153,14 @@ class Emitter:
     async def emit(self, event: ev.Event) -> None:
         for listener in self.listeners:
             listener(event)
-        for index, hook in enumerate(self.hooks):
-            if index in self.disabled:
+        for hook in self.hooks:
+            if id(hook) in self.disabled:
                 continue
             try:
                 with anyio.move_on_after(self.hook_timeout) as scope:
                     await hook(event)
                 if scope.cancelled_caught:
-                    self.disabled.add(index)
+                    self.disabled.add(id(hook))
                     raise TimeoutError(
                         f"hook took longer than {self.hook_timeout:g}s; it is not called again in this run"
                     )
@@ -226,6 +228,7 @@ class _Run(_RunView):
         "span",
         "start_index",
         "start_ns",
+        "started",
         "starts",
         "status",
         "stop",
@@ -265,6 +268,7 @@ class _Run(_RunView):
         self.attempts = [0] * n
         self.t0 = [0.0] * n
         self.t1 = [0.0] * n
+        self.started = [False] * n
         self.reason: list[str | None] = [None] * n
         self.blocked = [False] * n
         self.rolled_back = [False] * n
@@ -562,6 +566,7 @@ class _Run(_RunView):
                 go = node.when(StageContext(self, node.name))
             except Exception as exc:
                 self.t0[i] = self.t1[i] = self.now()
+                self.started[i] = True
                 ids = _NO_IDS
                 if self.tracing:  # the failure belongs in the trace too
                     assert self.tel is not None
@@ -581,6 +586,7 @@ class _Run(_RunView):
 
     async def _attempt(self, i: int, node: Node) -> None:
         self.status[i] = _RUNNING
+        self.started[i] = True
         self.start_index[i] = self.starts
         self.starts += 1
         t0 = self.t0[i] = self.now()
@@ -887,20 +893,18 @@ class _Run(_RunView):
         """Completed, compensable nodes mapped to the ones to undo before each."""
         nodes = self.nodes
         todo = {i for i in range(len(nodes)) if self.status[i] is _SUCCEEDED and nodes[i].compensable}
+        # reach[j]: the nearest compensable descendants of j (j itself when it
+        # is one). Walking the topological order backwards, every dependent is
+        # done before the node itself: no recursion, however long the chain.
         reach: dict[int, frozenset[int]] = {}
-
-        def below(j: int) -> frozenset[int]:
-            # Nearest compensable descendants of j, j included when it is one.
-            found = reach.get(j)
-            if found is None:
-                found = frozenset((j,)) if j in todo else frozenset().union(*(below(d) for d in nodes[j].dependents))
-                reach[j] = found
-            return found
-
         order: dict[int, list[int]] = {}
         for i in reversed(self.plan.order):
+            below = frozenset().union(*(reach[d] for d in nodes[i].dependents))
             if i in todo:
-                order[i] = sorted(frozenset().union(*(below(d) for d in nodes[i].dependents)))
+                order[i] = sorted(below)
+                reach[i] = frozenset((i,))
+            else:
+                reach[i] = below
         return order
 
     async def compensate(self) -> list[BaseException]:
@@ -936,18 +940,32 @@ class _Run(_RunView):
                 unblocks[j].append(i)
         started: set[int] = set()
         timeout = self.pipeline.rollback_timeout
-        with anyio.move_on_after(timeout):
-            async with anyio.create_task_group() as tg:
-                ready = [i for i, count in pending.items() if not count]
-                for i in ready[1:]:
-                    tg.start_soon(self._undo_chain, i, pending, unblocks, started, tg)
-                await self._undo_chain(ready[0], pending, unblocks, started, tg)
+        try:
+            with anyio.move_on_after(timeout):
+                async with anyio.create_task_group() as tg:
+                    ready = [i for i, count in pending.items() if not count]
+                    for i in ready[1:]:
+                        tg.start_soon(self._undo_chain, i, pending, unblocks, started, tg)
+                    await self._undo_chain(ready[0], pending, unblocks, started, tg)
+        finally:
+            # Also when an enclosing rollback's timeout cut this one short (a
+            # nested pipeline's): every unfinished rollback is recorded.
+            with anyio.CancelScope(shield=True):
+                errors = await self._record_compensation(order, started, timeout)
+        return errors
+
+    async def _record_compensation(
+        self, order: dict[int, list[int]], started: set[int], rollback_timeout: float
+    ) -> list[BaseException]:
+        nodes = self.nodes
         errors: list[BaseException] = []
         unfinished = {i for i in order if not self.rolled_back[i] and self.rollback_error[i] is None}
         for i, before in order.items():
             if i in unfinished:
                 waiting = [nodes[j].name for j in before if j in unfinished] if i not in started else []
-                self.rollback_error[i] = RollbackTimeoutError(nodes[i].name, timeout=timeout, waiting_for=waiting)
+                self.rollback_error[i] = RollbackTimeoutError(
+                    nodes[i].name, timeout=rollback_timeout, waiting_for=waiting
+                )
                 await self._rollback_failed(i)
             if self.rollback_error[i] is not None:
                 errors.append(self.rollback_error[i])  # type: ignore[arg-type]
@@ -1195,63 +1213,109 @@ class _StageResults(Mapping[str, StageResult]):
     eagerly cost more than running a no-op stage.
     """
 
-    __slots__ = ("_built", "_keep", "_run")
+    __slots__ = (
+        "_attempts",
+        "_built",
+        "_error",
+        "_index",
+        "_keep",
+        "_mono0",
+        "_names",
+        "_output",
+        "_reason",
+        "_rollback_error",
+        "_rollback_index",
+        "_rolled_back",
+        "_start_index",
+        "_started",
+        "_status",
+        "_t0",
+        "_t1",
+        "_wall0",
+    )
 
     def __init__(self, run: _Run, *, keep: bool) -> None:
-        self._run = run
+        # Copies of the per-stage state only: a response must not keep the
+        # run (its context values, tasks, event buffers) alive.
+        self._names = tuple(node.name for node in run.nodes)
+        self._index = run.plan.index
+        self._status = list(run.status)
+        self._output = list(run.output) if keep else None
+        self._error = list(run.error)
+        self._attempts = list(run.attempts)
+        self._started = list(run.started)
+        self._t0, self._t1 = list(run.t0), list(run.t1)
+        self._reason = list(run.reason)
+        self._rolled_back = list(run.rolled_back)
+        self._rollback_error = list(run.rollback_error)
+        self._start_index = list(run.start_index)
+        self._rollback_index = list(run.rollback_index)
+        self._wall0, self._mono0 = run.wall0, run.mono0
         self._keep = keep
         self._built: dict[int, StageResult] = {}
 
     def __getitem__(self, name: str) -> StageResult:
-        i = self._run.plan.index[name]
+        i = self._index[name]
         found = self._built.get(i)
         if found is None:
             found = self._built[i] = self._build(i)
         return found
 
     def _build(self, i: int) -> StageResult:
-        run = self._run
-        started = run.attempts[i] > 0 or run.t0[i] > 0
-        wall0, mono0 = run.wall0, run.mono0
+        started = self._started[i]
+        wall0, mono0 = self._wall0, self._mono0
         return StageResult(
-            name=run.nodes[i].name,
-            status=run.status[i],
-            output=run.output[i] if self._keep else None,
-            error=run.error[i],
-            attempts=run.attempts[i],
-            started_at=datetime.fromtimestamp(wall0 + run.t0[i] - mono0, UTC) if started else None,
-            finished_at=datetime.fromtimestamp(wall0 + run.t1[i] - mono0, UTC) if started else None,
-            duration=max(run.t1[i] - run.t0[i], 0.0) if started else 0.0,
-            rolled_back=run.rolled_back[i],
-            rollback_error=run.rollback_error[i],
-            reason=run.reason[i],
-            start_index=run.start_index[i],
-            rollback_index=run.rollback_index[i],
+            name=self._names[i],
+            status=self._status[i],
+            output=self._output[i] if self._output is not None else None,
+            error=self._error[i],
+            attempts=self._attempts[i],
+            started_at=datetime.fromtimestamp(wall0 + self._t0[i] - mono0, UTC) if started else None,
+            finished_at=datetime.fromtimestamp(wall0 + self._t1[i] - mono0, UTC) if started else None,
+            duration=max(self._t1[i] - self._t0[i], 0.0) if started else 0.0,
+            rolled_back=self._rolled_back[i],
+            rollback_error=self._rollback_error[i],
+            reason=self._reason[i],
+            start_index=self._start_index[i],
+            rollback_index=self._rollback_index[i],
         )
 
     def __iter__(self) -> Iterator[str]:
-        return (node.name for node in self._run.nodes)
+        return iter(self._names)
 
     def __len__(self) -> int:
-        return len(self._run.nodes)
+        return len(self._names)
 
     def __contains__(self, name: object) -> bool:
-        return name in self._run.plan.index
+        return name in self._index
 
     def __repr__(self) -> str:
         return repr(dict(self.items()))
 
+    def __reduce__(self) -> tuple[type[dict[str, StageResult]], tuple[dict[str, StageResult]]]:
+        return dict, (dict(self.items()),)
+
 
 def _loop_clock() -> Callable[[], float]:
-    """The running event loop's clock: what ``anyio.current_time()`` reads, minus its dispatch cost."""
+    """What ``anyio.current_time()`` reads, without its per-call dispatch.
+
+    The library is the one anyio (through sniffio) says is running, so trio in
+    guest mode on an asyncio host still gets trio's clock, the one its cancel
+    scopes' deadlines are compared against.
+    """
     try:
+        import sniffio  # noqa: PLC0415 - anyio's own way of telling the libraries apart
+
+        library = sniffio.current_async_library()
+    except Exception:
+        return anyio.current_time
+    if library == "asyncio":
         return asyncio.get_running_loop().time
-    except RuntimeError:
-        try:
-            import trio  # noqa: PLC0415 - only when running on trio
-        except ImportError:  # pragma: no cover - anyio supports asyncio and trio
-            return anyio.current_time
+    if library == "trio":
+        import trio  # noqa: PLC0415 - only when running on trio
+
         return trio.current_time
+    return anyio.current_time  # pragma: no cover - another anyio backend
 
 
 def _atomic_lock(pipeline: Pipeline) -> anyio.Lock:

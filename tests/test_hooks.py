@@ -367,3 +367,26 @@ class TestHangingHooks:
         """A non-positive hook timeout is refused up front."""
         with pytest.raises(ValueError, match="hook_timeout"):
             pk.Engine(hook_timeout=0)
+
+
+class TestHangingHookInNestedPipelines:
+    """A hook switched off after overrunning stays off in nested runs."""
+
+    @pytest.mark.pipekit_clock
+    async def test_disabled_across_nesting(self, pipekit_clock: FakeClock) -> None:
+        """An engine-level hook that hangs costs one hook_timeout, however many nested pipelines have hooks."""
+
+        async def hangs(event: pk.Event) -> None:
+            await anyio.sleep_forever()
+
+        async def quiet(event: pk.Event) -> None:
+            return None
+
+        outer = pk.Pipeline("outer")
+        for i in range(3):
+            outer = outer.add_stage(pk.Pipeline(f"inner{i}").add_stage(MockStage(f"s{i}")).with_hooks(quiet))
+        async with pk.Engine(hooks=[hangs], hook_timeout=0.05) as engine:
+            response = await engine.execute(outer)
+        assert response.ok
+        assert response.hook_failures == 1
+        assert pipekit_clock.elapsed() == pytest.approx(0.05)

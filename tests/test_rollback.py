@@ -16,7 +16,15 @@ import anyio.lowlevel
 import pytest
 
 import pipekit as pk
-from pipekit.testing import EventCapture, FakeClock, MockStage, assert_rolled_back, assert_stage_order, assert_status
+from pipekit.testing import (
+    EventCapture,
+    FakeClock,
+    MockStage,
+    assert_rolled_back,
+    assert_stage_order,
+    assert_status,
+    capture_events,
+)
 
 pytestmark = pytest.mark.pipekit_clock(backends=[("asyncio", {"debug": True}), "trio"])
 
@@ -1079,3 +1087,69 @@ class TestRollbackTimeoutErrors:
         assert response.error.rollback_error is not None
         assert set(response.error.rollback_error.exceptions) == {a_error, b_error}
         assert pipekit_clock.elapsed() == 5.0
+
+
+class TestReviewRegressions:
+    """Long chains, nested rollbacks cut short, and what a response keeps alive."""
+
+    async def test_long_chain_without_rollbacks_between(self) -> None:
+        """A rollback across 2,000 stages without rollbacks reaches the first stage (no recursion limit)."""
+        first = MockStage("first")
+        pipeline = pk.Pipeline("long").add_stage(first)
+        for i in range(2000):
+            pipeline = pipeline.add_stage(MockStage(f"s{i}", rollback=False))
+        pipeline = pipeline.add_stage(MockStage("last", error="boom"))
+        response = await pipeline.execute()
+        assert_status(response, pk.Status.FAILED)
+        assert_rolled_back(response, ["first"])
+        assert len(first.rollbacks) == 1
+
+    @pytest.mark.pipekit_clock
+    async def test_nested_rollback_cut_short_is_recorded(self, pipekit_clock: FakeClock) -> None:
+        """When the outer rollback timeout cuts a nested pipeline's rollback, its stages still get errors."""
+        with capture_events() as events:
+            inner = pk.Pipeline("inner").add_stage(MockStage("i0")).add_stage(MockStage("i1", rollback_delay=10))
+            outer = (
+                pk.Pipeline("outer")
+                .add_stage(MockStage("o0"))
+                .add_stage(inner)
+                .add_stage(MockStage("f", error="boom"))
+                .with_rollback(timeout=1)
+            )
+            response = await outer.execute()
+        assert_status(response, pk.Status.FAILED)
+        failed = {e.stage for e in events.of(pk.StageRollbackFailed) if e.pipeline == "inner"}
+        assert "i1" in failed
+        assert any(e.pipeline == "inner" for e in events.of(pk.RollbackFinished))
+
+    async def test_response_does_not_keep_the_run_alive(self) -> None:
+        """Values stages put in the context are freed once the run is over, whatever the response is kept for."""
+        import gc
+        import weakref
+
+        class Blob:
+            pass
+
+        refs: list[weakref.ref[Blob]] = []
+
+        @pk.stage
+        async def put(ctx: pk.StageContext) -> str:
+            blob = Blob()
+            refs.append(weakref.ref(blob))
+            ctx["blob"] = blob
+            return "ok"
+
+        responses = [await pk.Pipeline("p").add_stage(put).execute() for _ in range(3)]
+        gc.collect()
+        assert [r() for r in refs] == [None, None, None]
+        assert all(r.stages["put"].output == "ok" for r in responses)
+
+    async def test_stage_results_pickle_as_a_dict(self) -> None:
+        """response.stages pickles (and deep-copies) as a plain mapping of results."""
+        import copy
+        import pickle
+
+        response = await pk.Pipeline("p").add_stage(MockStage("a", output=1)).execute()
+        restored = pickle.loads(pickle.dumps(response.stages))
+        assert restored == dict(response.stages)
+        assert copy.deepcopy(response.stages) == dict(response.stages)
