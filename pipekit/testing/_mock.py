@@ -185,6 +185,7 @@ class MockStage(BaseStage):
         self.calls.clear()
         self.rollbacks.clear()
         self.validations.clear()
+        self._started = self._released = None  # a held mock holds again
 
     async def execute(self, ctx: StageContext) -> Any:
         """Record the call, sleep ``delay``, then fail or return ``output`` as planned."""

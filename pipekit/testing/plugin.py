@@ -61,6 +61,19 @@ def _default_backends(metafunc: pytest.Metafunc) -> list[str | BackendSpec]:
     """
     definitions = getattr(metafunc, "_arg2fixturedefs", {}).get("anyio_backend")
     params = getattr(definitions[-1], "params", None) if definitions else None
+    if not params and definitions:
+        # An unparametrized fixture pinning one backend (``return "trio"``):
+        # use what it returns, if it can be called without pytest's request.
+        func = getattr(definitions[-1], "func", None)
+        try:
+            takes_nothing = func is not None and not inspect.signature(func).parameters
+        except (TypeError, ValueError):  # pragma: no cover - builtins
+            takes_nothing = False
+        if takes_nothing:
+            assert func is not None
+            value = getattr(func, "__wrapped__", func)()
+            if isinstance(value, str) or (isinstance(value, tuple) and len(value) == 2):
+                return [value]
     if params:
         found: list[str | BackendSpec] = []
         for param in params:
@@ -97,6 +110,22 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
             ids=[b if isinstance(b, str) else b[0] for b in backends],
         )
     )
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Give every test its own trio MockClock (parametrized cases would share one)."""
+    callspec = getattr(item, "callspec", None)
+    if callspec is None or _MARKER not in getattr(item, "fixturenames", ()):
+        return
+    spec = callspec.params.get("anyio_backend")
+    if isinstance(spec, tuple) and spec[0] == "trio" and "clock" in spec[1]:
+        clock = spec[1]["clock"]
+        fresh = fake_clock_backend(
+            ("trio", {k: v for k, v in spec[1].items() if k != "clock"}),
+            autojump_threshold=getattr(clock, "autojump_threshold", 0.0),
+        )
+        callspec.params["anyio_backend"] = fresh
 
 
 @pytest.fixture
