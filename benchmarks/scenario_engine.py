@@ -136,6 +136,32 @@ async def run(settings: Settings, backend: str) -> Scenario:
             target=5000.0,
             higher_is_better=True,
         ),
+        # The cost of going through the Engine, as ratios of the time per
+        # execution against calling execute() directly (no target).
+        Row(
+            scenario=ENGINE,
+            backend=backend,
+            case=f"{m} runs, max_concurrent=1, 1 caller: time per execution",
+            baseline="execute() directly",
+            unit="µs",
+            baseline_value=median(throughput["pipeline.execute, 1 caller"]) / m * 1e6,
+            pipekit_value=median(throughput["engine, max_concurrent=1"]) / m * 1e6,
+            kind="ratio",
+            result=paired_ratio(throughput, "engine, max_concurrent=1", "pipeline.execute, 1 caller"),
+        ),
+        Row(
+            scenario=ENGINE,
+            backend=backend,
+            case=f"{m} runs, max_concurrent={workers}, {workers} callers: time per execution",
+            baseline="execute() directly",
+            unit="µs",
+            baseline_value=median(throughput[f"pipeline.execute, {workers} callers"]) / m * 1e6,
+            pipekit_value=median(throughput[f"engine, max_concurrent={workers}"]) / m * 1e6,
+            kind="ratio",
+            result=paired_ratio(
+                throughput, f"engine, max_concurrent={workers}", f"pipeline.execute, {workers} callers"
+            ),
+        ),
         Row(
             scenario=ROLLBACK,
             backend=backend,
