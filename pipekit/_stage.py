@@ -191,7 +191,7 @@ def find_rollback(stage: object) -> RollbackFunction | None:
     """Return the stage's rollback callable, or None when it has none worth calling."""
     if isinstance(stage, FunctionStage):
         return stage.rollback_fn
-    if _inherits_noop(stage, "rollback"):
+    if _inherits_noop(stage, "rollback") or getattr(stage, "_pipekit_rolls_back", True) is False:
         return None
     fn = getattr(stage, "rollback", None)
     return fn if callable(fn) else None

@@ -118,9 +118,8 @@ class MockStage(BaseStage):
         validate_error: BaseException | type[BaseException] | str | None = None,
     ) -> None:
         super().__init__(name)
-        if not rollback:
-            # Opt out of MockStage.rollback: pipekit then sees no rollback at all.
-            self.__class__ = _MockStageWithoutRollback
+        # rollback=False: pipekit sees no rollback at all (subclasses keep their class).
+        self._pipekit_rolls_back = bool(rollback)
         if not isinstance(fail_times, int) or isinstance(fail_times, bool) or fail_times < 0:
             raise ValueError(f"MockStage fail_times must be an integer >= 0, got {fail_times!r}")
         for label, planned in (
@@ -221,12 +220,6 @@ class MockStage(BaseStage):
 
     def __repr__(self) -> str:
         return f"<MockStage {self.name!r} calls={len(self.calls)} rollbacks={len(self.rollbacks)}>"
-
-
-class _MockStageWithoutRollback(MockStage):
-    """A `MockStage` made with ``rollback=False``."""
-
-    rollback = BaseStage.rollback
 
 
 @attrs.frozen(eq=False, repr=False)
