@@ -37,24 +37,15 @@ async def run_one(fn: StageFn, **execute_kwargs: Any) -> pk.PipelineResponse:
     return await pk.Pipeline("p").add_stage(named("s", fn)).execute(**execute_kwargs)
 
 
-class Journaled(MockStage):
-    """A `MockStage` that also notes each validate and execute, in order, in ``journal``.
+def journal(stage: MockStage) -> list[tuple[str, bool]]:
+    """The stage's validates and executes as (kind, dry_run), in the order they happened (by `Call.sequence`).
 
-    A mock's ``validations`` and ``calls`` are separate lists, and nothing orders a validate
-    against an execute that happen at the same instant; the dry-run tests assert that order.
+    A mock's ``validations`` and ``calls`` are separate lists, and a validate and an execute can
+    happen at the same instant, so only the calls' sequence numbers order them.
     """
-
-    def __init__(self, name: str) -> None:
-        super().__init__(name)
-        self.journal: list[tuple[str, bool]] = []
-
-    def validate(self, ctx: pk.StageContext) -> None:
-        self.journal.append(("validate", ctx.dry_run))
-        super().validate(ctx)
-
-    async def execute(self, ctx: pk.StageContext) -> Any:
-        self.journal.append(("execute", ctx.dry_run))
-        return await super().execute(ctx)
+    seen = [(c.sequence, ("validate", c.dry_run)) for c in stage.validations]
+    seen += [(c.sequence, ("execute", c.dry_run)) for c in stage.calls]
+    return [entry for _, entry in sorted(seen)]
 
 
 class TestKey:
@@ -412,16 +403,16 @@ class TestRunMetadata:
 
     async def test_dry_run_false_in_normal_run(self) -> None:
         """ctx.dry_run is false in validate and execute of a normal run."""
-        probe = Journaled("probe")
+        probe = MockStage("probe")
         assert (await pk.Pipeline("p").add_stage(probe).execute()).ok
-        assert probe.journal == [("validate", False), ("execute", False)]
+        assert journal(probe) == [("validate", False), ("execute", False)]
 
     async def test_dry_run_true_in_dry_run(self) -> None:
         """ctx.dry_run is true when validate is called by a dry run."""
-        probe = Journaled("probe")
+        probe = MockStage("probe")
         request = pk.PipelineRequest(options=pk.RequestOptions(dry_run=True))
         assert (await pk.Pipeline("p").add_stage(probe).execute(request)).ok
-        assert probe.journal == [("validate", True)]
+        assert journal(probe) == [("validate", True)]
 
 
 class TestLog:

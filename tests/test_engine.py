@@ -13,7 +13,11 @@ from pipekit.testing import MockStage, assert_rolled_back, assert_status
 
 
 def hanging(name: str, started: anyio.Event, interrupted: list[str]) -> pk.FunctionStage:
-    """A stage that signals it started, then waits forever, noting when it is interrupted."""
+    """A stage that signals it started, then waits forever, noting when it is interrupted.
+
+    Kept (not ``MockStage(block=True)``) for the tests that must see the stage's body unwound by
+    the cancellation: a held mock shows it started and was never released, not that its call ended.
+    """
 
     async def run(ctx: pk.StageContext) -> None:
         started.set()
@@ -415,13 +419,15 @@ class TestMetrics:
 
     async def test_cancelled_runs_count_as_failed(self) -> None:
         """A cancelled execution counts as cancelled and not succeeded."""
-        started = anyio.Event()
+        held = MockStage("h", block=True)
         with anyio.fail_after(5):
             async with pk.Engine() as engine:
-                handle = await engine.submit(pk.Pipeline("c").add_stage(hanging("h", started, [])))
-                await started.wait()
+                handle = await engine.submit(pk.Pipeline("c").add_stage(held))
+                await held.wait_started()
                 await handle.cancel()
                 metrics = engine.metrics("c")
+        assert held.call_count == 1
+        assert not held.released  # it was never let finish: cancelled while held
         assert metrics.total_executions == 1
         assert metrics.cancelled == 1
         assert metrics.failed == 1
@@ -490,12 +496,12 @@ class TestLifecycle:
     async def test_owner_cancellation_settles_queued_executions(self) -> None:
         """Queued executions do not outlive a cancelled engine: they end CANCELLED and never run."""
         q = MockStage("q")
-        started = anyio.Event()
+        blocker = MockStage("h", block=True)
         with anyio.fail_after(5):
             with anyio.CancelScope() as scope:
                 async with pk.Engine(max_concurrent=1) as engine:
-                    await engine.submit(pk.Pipeline("blocker").add_stage(hanging("h", started, [])))
-                    await started.wait()
+                    await engine.submit(pk.Pipeline("blocker").add_stage(blocker))
+                    await blocker.wait_started()
                     queued = await engine.submit(pk.Pipeline("queued").add_stage(q))
                     scope.cancel()
                     await anyio.sleep_forever()
@@ -506,12 +512,12 @@ class TestLifecycle:
     async def test_owner_cancellation_settles_every_queued_execution(self) -> None:
         """Every execution still in the mailbox when the owner gives up ends CANCELLED without running."""
         stages = [MockStage(f"q{i}") for i in range(4)]
-        started = anyio.Event()
+        blocker = MockStage("h", block=True)
         with anyio.fail_after(5):
             with anyio.CancelScope() as scope:
                 async with pk.Engine(max_concurrent=1, mailbox_size=5) as engine:
-                    await engine.submit(pk.Pipeline("blocker").add_stage(hanging("h", started, [])))
-                    await started.wait()
+                    await engine.submit(pk.Pipeline("blocker").add_stage(blocker))
+                    await blocker.wait_started()
                     queued = [await engine.submit(pk.Pipeline(f"queued-{s.name}").add_stage(s)) for s in stages]
                     scope.cancel()
                     await anyio.sleep_forever()

@@ -323,19 +323,14 @@ class TestRetryFilter:
     @fake_clock
     async def test_retry_on_matches_subclasses(self) -> None:
         """Subclasses of a retry_on class are retried."""
-        attempts: list[int] = []
-
-        # Not a MockStage: its planned failures (fail_times) always raise MockStageError, not a chosen error.
-        @pk.stage
-        async def reset_once(ctx: pk.StageContext) -> str:
-            attempts.append(ctx.attempt)
-            if ctx.attempt == 1:
-                raise ConnectionResetError("reset")
-            return "ok"
-
-        response = await run_stage(reset_once, pk.RetryPolicy(retry_on=(OSError,), jitter=0))
+        reset_once = MockStage("s", output="ok", fail_times=1, error=ConnectionResetError("reset"))
+        with capture_events() as events:
+            response = await run_stage(reset_once, pk.RetryPolicy(retry_on=(OSError,), jitter=0))
         assert response.ok
-        assert attempts == [1, 2]
+        assert response.stages["s"].output == "ok"
+        assert [call.attempt for call in reset_once.calls] == [1, 2]
+        [retrying] = events.of(pk.StageRetrying)
+        assert isinstance(retrying.error, ConnectionResetError)  # the subclass was what got retried
 
     @fake_clock
     async def test_should_retry_filters(self) -> None:

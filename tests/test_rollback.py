@@ -68,11 +68,6 @@ class Mock(MockStage):
             await self.undo()
 
 
-def no_rollback(stage: MockStage) -> pk.FunctionStage:
-    """``stage`` without a rollback, so it is not compensated (every MockStage has one); calls are still recorded."""
-    return pk.FunctionStage(name=stage.name, fn=stage.execute)
-
-
 def mocks(pipeline: pk.Pipeline) -> Iterator[MockStage]:
     """The mock stages of ``pipeline``, those of nested pipelines included."""
     for entry in pipeline.entries:
@@ -170,11 +165,11 @@ class TestSequentialRollback:
 
     async def test_stage_without_rollback_keeps_the_order(self) -> None:
         """Chain a -> x (no rollback) -> c: x is skipped in compensation, and a is still undone after c."""
-        x = Mock("x")
+        x = MockStage("x", rollback=False)
         pipeline = (
             pk.Pipeline("seq")
             .add_stage(Mock("a"))
-            .add_stage(no_rollback(x))
+            .add_stage(x)
             .add_stage(Mock("c"))
             .add_stage(Mock("boom", error=BoomError))
         )
@@ -350,7 +345,7 @@ class TestGraphRollback:
         pipeline = (
             pk.Pipeline("graph")
             .add_stage(a)
-            .add_stage(no_rollback(Mock("x")))
+            .add_stage(MockStage("x", rollback=False))
             .add_stage(b, depends_on=("x",))
             .add_stage(Mock("c"), depends_on=("x",))
             .add_stage(Mock("boom", error=BoomError), depends_on=("b", "c"))
@@ -1036,7 +1031,7 @@ class TestRollbackEvents:
 
     async def test_no_rollback_events_without_anything_to_undo(self, pipekit_events: EventCapture) -> None:
         """A failure with nothing compensable emits no rollback events."""
-        pipeline = pk.Pipeline("p").add_stage(no_rollback(Mock("a"))).add_stage(Mock("b", error=BoomError))
+        pipeline = pk.Pipeline("p").add_stage(MockStage("a", rollback=False)).add_stage(Mock("b", error=BoomError))
         await pipeline.execute()
         assert pipekit_events.of(pk.RollbackStarted) == []
         assert pipekit_events.of(pk.RollbackFinished) == []

@@ -48,25 +48,15 @@ class Gauge:
         return named(name, execute)
 
 
-class Journaled(MockStage):
-    """A `MockStage` that also notes each validate and execute in a log shared with other stages.
+def journal(*stages: MockStage) -> list[str]:
+    """Every validate and execute of ``stages``, in the order they happened (by `Call.sequence`).
 
-    A mock's ``validations`` and ``calls`` are separate lists, and nothing orders a validate
-    against an execute (of one stage or of two) that happen at the same instant, so the tests
-    about that order need this shared log.
+    A mock's ``validations`` and ``calls`` are separate lists, and a validate and an execute (of one
+    stage or of two) can happen at the same instant, so only the calls' sequence numbers order them.
     """
-
-    def __init__(self, name: str, journal: list[str], *, validate_error: str | None = None) -> None:
-        super().__init__(name, output=name, validate_error=validate_error)
-        self.journal = journal
-
-    def validate(self, ctx: pk.StageContext) -> None:
-        self.journal.append(f"validate {ctx.stage} dry_run={ctx.dry_run}")
-        super().validate(ctx)
-
-    async def execute(self, ctx: pk.StageContext) -> Any:
-        self.journal.append(f"execute {ctx.stage}")
-        return await super().execute(ctx)
+    seen = [(c.sequence, f"validate {c.stage} dry_run={c.dry_run}") for s in stages for c in s.validations]
+    seen += [(c.sequence, f"execute {c.stage}") for s in stages for c in s.calls]
+    return [entry for _, entry in sorted(seen)]
 
 
 def timeout_request(seconds: float) -> pk.PipelineRequest:
@@ -627,19 +617,15 @@ class TestDryRun:
 
     async def test_dry_run_reports_definition_problems_with_the_rest(self) -> None:
         """A broken definition is one more problem in the dry run's report; every stage is still validated."""
-        journal: list[str] = []
-        pipeline = (
-            pk.Pipeline("p")
-            .add_stage(Journaled("a", journal), depends_on=("missing",))
-            .add_stage(Journaled("b", journal, validate_error="no credentials"))
-        )
+        a, b = MockStage("a", output="a"), MockStage("b", output="b", validate_error="no credentials")
+        pipeline = pk.Pipeline("p").add_stage(a, depends_on=("missing",)).add_stage(b)
         response = await pipeline.execute(DRY_RUN)
         assert_status(response, pk.Status.FAILED)
         assert isinstance(response.error, pk.ValidationError)
         messages = [str(e) for e in response.error.errors]
         assert messages == ["pipeline 'p': stage 'a' depends on unknown stage 'missing'", "stage 'b': no credentials"]
         assert isinstance(response.error.errors[0].__cause__, pk.PipelineDefinitionError)
-        assert journal == ["validate a dry_run=True", "validate b dry_run=True"]
+        assert journal(a, b) == ["validate a dry_run=True", "validate b dry_run=True"]
 
     async def test_broken_definition_still_raises_outside_dry_runs(self) -> None:
         """Outside a dry run, a broken definition raises before anything runs."""
@@ -655,11 +641,11 @@ class TestValidate:
 
     async def test_validate_before_execute(self) -> None:
         """Each stage is validated just before it executes, with ctx.dry_run false."""
-        journal: list[str] = []
-        pipeline = pk.Pipeline("p").add_stage(Journaled("a", journal)).add_stage(Journaled("b", journal))
+        a, b = MockStage("a", output="a"), MockStage("b", output="b")
+        pipeline = pk.Pipeline("p").add_stage(a).add_stage(b)
         response = await pipeline.execute()
         assert response.ok
-        assert journal == ["validate a dry_run=False", "execute a", "validate b dry_run=False", "execute b"]
+        assert journal(a, b) == ["validate a dry_run=False", "execute a", "validate b dry_run=False", "execute b"]
 
     @fake_clock
     async def test_validation_error_fails_stage_without_retry(self) -> None:

@@ -8,7 +8,7 @@ import os
 import re
 import subprocess
 import sys
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -17,10 +17,8 @@ import anyio.lowlevel
 import pytest
 from opentelemetry import context as otel_context
 from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import Histogram, InMemoryMetricReader, Metric, Sum
+from opentelemetry.sdk.metrics.export import Histogram, Sum
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 from opentelemetry.trace import SpanContext, StatusCode, Tracer
 
@@ -34,6 +32,7 @@ from pipekit.testing import (
     assert_rolled_back,
     assert_span_tree,
     capture_logs,
+    capture_spans,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -89,38 +88,6 @@ def planned_failure(stage: str, call: int, of: int) -> str:
 def make(name: str, fn: StageFunction, *, undo: UndoFunction | None = None) -> pk.FunctionStage:
     """A stage running ``fn`` (and rolling back with ``undo``, when given)."""
     return pk.FunctionStage(name=name, fn=fn, rollback_fn=undo)
-
-
-def without_rollback(mock: MockStage) -> pk.FunctionStage:
-    """``mock`` as a stage with no rollback, so a failing run does not compensate it.
-
-    A `MockStage` always has a rollback; this keeps its recording and its
-    failure plan (it runs the mock's ``execute``) without one.
-    """
-    return make(mock.name, mock.execute)
-
-
-def plain(name: str) -> pk.FunctionStage:
-    """A stage with no rollback returning its name (a `MockStage`'s execute)."""
-    return without_rollback(MockStage(name, output=name))
-
-
-class Gate:
-    """A stage body's handshake: it signals ``started`` and waits for ``release``."""
-
-    def __init__(self) -> None:
-        self.started = anyio.Event()
-        self.release = anyio.Event()
-
-    async def __call__(self, ctx: pk.StageContext) -> str:
-        self.started.set()
-        await self.release.wait()
-        return ctx.stage
-
-
-async def hang(ctx: pk.StageContext) -> None:
-    """A rollback that never finishes on its own (a MockStage's rollback can fail, not hang)."""
-    await anyio.sleep_forever()
 
 
 # -- spans ---------------------------------------------------------------------------
@@ -195,72 +162,11 @@ def totals(points: MetricPoints, *keys: str) -> dict[tuple[Any, ...], float]:
     return found
 
 
-class SdkMetrics:
-    """A private meter provider read in memory, for what `SpanCapture` does not show.
-
-    ``SpanCapture.metric_points`` gives a histogram's count but not its sum,
-    nor an instrument's kind, unit or monotonicity; the tests of those pass
-    this provider as ``meter_provider=`` (their spans still go to the capture).
-    """
-
-    def __init__(self) -> None:
-        self.reader = InMemoryMetricReader()
-        self.meter_provider = MeterProvider(metric_readers=[self.reader], shutdown_on_exit=False)
-
-    def metrics(self) -> dict[str, Metric]:
-        """Every metric collected now, by instrument name."""
-        data = self.reader.get_metrics_data()
-        found: dict[str, Metric] = {}
-        for resource_metrics in data.resource_metrics if data is not None else ():
-            for scope_metrics in resource_metrics.scope_metrics:
-                for metric in scope_metrics.metrics:
-                    assert metric.name not in found, f"instrument {metric.name!r} reported twice"
-                    found[metric.name] = metric
-        return found
-
-    def metric_points(self, name: str) -> MetricPoints:
-        """As ``SpanCapture.metric_points``: (attributes, value or histogram count) of metric ``name``."""
-        metric = self.metrics().get(name)
-        points: MetricPoints = []
-        for point in metric.data.data_points if metric is not None else ():
-            value = getattr(point, "value", None)
-            points.append((dict(point.attributes or {}), value if value is not None else getattr(point, "count", None)))
-        return points
-
-    def histogram_sum(self, name: str) -> float:
-        """The sum of every value recorded on histogram ``name``."""
-        metric = self.metrics()[name]
-        assert isinstance(metric.data, Histogram)
-        return sum(point.sum for point in metric.data.data_points)
-
-
-@pytest.fixture
-def sdk_metrics() -> Iterator[SdkMetrics]:
-    """A private in-memory meter provider, shut down after the test."""
-    found = SdkMetrics()
-    yield found
-    found.meter_provider.shutdown()
-
-
-class UnsampledTracing:
-    """A private tracer provider sampling nothing (ALWAYS_OFF), with an in-memory exporter.
-
-    ``capture_spans`` takes no sampler, so the tests of unsampled runs keep
-    this provider (their metrics still go to the capture's meter provider).
-    """
-
-    def __init__(self) -> None:
-        self.exporter = InMemorySpanExporter()
-        self.tracer_provider = TracerProvider(sampler=ALWAYS_OFF, shutdown_on_exit=False)
-        self.tracer_provider.add_span_processor(SimpleSpanProcessor(self.exporter))
-
-
-@pytest.fixture
-def unsampled() -> Iterator[UnsampledTracing]:
-    """A private tracer provider whose tracer samples nothing, shut down after the test."""
-    tracing = UnsampledTracing()
-    yield tracing
-    tracing.tracer_provider.shutdown()
+def histogram_sum(spans: SpanCapture, name: str) -> float:
+    """The sum of every value recorded on histogram ``name`` (``SpanCapture.metric_points`` gives only counts)."""
+    data = spans.metric(name).data
+    assert isinstance(data, Histogram), name
+    return sum(point.sum for point in data.data_points)
 
 
 def run_python(code: str) -> Any:
@@ -553,7 +459,8 @@ class TestSpanAttributes:
 
     async def test_failed_stage_span(self, pipekit_spans: SpanCapture) -> None:
         """A failing stage's span is ERROR, records the exception and names its type."""
-        pipeline = pk.Pipeline("p").add_stage(plain("a")).add_stage(MockStage("b", error=BoomError("b broke")))
+        a, b = MockStage("a", output="a", rollback=False), MockStage("b", error=BoomError("b broke"))
+        pipeline = pk.Pipeline("p").add_stage(a).add_stage(b)
         response = await execute(pipekit_spans, pipeline)
         assert response.status is pk.Status.FAILED
         assert_span_tree(
@@ -613,14 +520,16 @@ class TestSpanAttributes:
 
     async def test_cancelled_run(self, pipekit_spans: SpanCapture) -> None:
         """A cancelled run's pipeline span is ERROR ``cancelled``; the interrupted stage says ``cancelled``."""
-        gate = Gate()
-        pipeline = pk.Pipeline("p").add_stage(MockStage("a")).add_stage(make("wait", gate))
+        wait = MockStage("wait", block=True)
+        pipeline = pk.Pipeline("p").add_stage(MockStage("a")).add_stage(wait)
         async with engine_for(pipekit_spans) as engine:
             handle = await engine.submit(pipeline)
             with anyio.fail_after(5):
-                await gate.started.wait()
+                await wait.wait_started()
                 response = await handle.cancel()
         assert response.status is pk.Status.CANCELLED
+        assert not wait.released  # interrupted while held, never let finish
+        assert wait.rollbacks == []  # an interrupted stage is not compensated
         assert attributes(pipekit_spans.find("stage wait"))[STATUS] == "cancelled"
         pipeline_span = pipekit_spans.find("pipeline p")
         assert attributes(pipeline_span)[STATUS] == "cancelled"
@@ -646,7 +555,7 @@ class TestRollbackSpans:
             pk.Pipeline("p")
             .add_stage(MockStage("a"))
             .add_stage(MockStage("b"), depends_on=("a",))
-            .add_stage(plain("plain"))
+            .add_stage(MockStage("plain", output="plain", rollback=False))
             .add_stage(MockStage("c", error=BoomError))
         )
         response = await execute(pipekit_spans, pipeline)
@@ -697,14 +606,11 @@ class TestRollbackSpans:
     @on_fake_clock
     async def test_rollback_timeout_span_is_error(self, pipekit_spans: SpanCapture, pipekit_clock: FakeClock) -> None:
         """A rollback cut off by the rollback timeout has an ERROR span with ``error.type`` TimeoutError."""
-        pipeline = (
-            pk.Pipeline("p")
-            .add_stage(make("a", MockStage("a").execute, undo=hang))
-            .add_stage(MockStage("b", error=BoomError))
-            .with_rollback(timeout=0.01)
-        )
+        a = MockStage("a", rollback_delay=math.inf)  # its rollback hangs
+        pipeline = pk.Pipeline("p").add_stage(a).add_stage(MockStage("b", error=BoomError)).with_rollback(timeout=0.01)
         response = await execute(pipekit_spans, pipeline)
         assert response.stages["a"].rollback_error is not None
+        assert len(a.rollbacks) == 1  # the rollback started, and was cut off
         assert pipekit_clock.elapsed() == pytest.approx(0.01)
         span = pipekit_spans.find("rollback a")
         assert span.status.status_code is StatusCode.ERROR
@@ -888,54 +794,51 @@ class TestNotRecording:
     """Without a recording span pipekit makes no spans, and runs work as usual."""
 
     @on_fake_clock
-    async def test_always_off_sampler_exports_nothing(
-        self, pipekit_spans: SpanCapture, unsampled: UnsampledTracing
-    ) -> None:
+    async def test_always_off_sampler_exports_nothing(self, pipekit_spans: SpanCapture) -> None:
         """With ALWAYS_OFF, retries, failures, rollbacks and nesting run but no span is exported."""
-        tracer = unsampled.tracer_provider.get_tracer("tests.user")
+        with capture_spans(sampler=ALWAYS_OFF) as unsampled:
+            tracer = unsampled.tracer_provider.get_tracer("tests.user")
 
-        async def traced(ctx: pk.StageContext) -> None:
-            with tracer.start_as_current_span("user work"):
-                await anyio.lowlevel.checkpoint()
+            async def traced(ctx: pk.StageContext) -> None:
+                with tracer.start_as_current_span("user work"):
+                    await anyio.lowlevel.checkpoint()
 
-        flaky = MockStage("flaky", fail_times=1, rollback_error=UndoError("cannot undo flaky"))
-        inner = pk.Pipeline("inner").add_stage(MockStage("x"))
-        pipeline = (
-            pk.Pipeline("p")
-            .add_stage(flaky, retry=RETRY)
-            .add_stage(make("traced", traced))
-            .add_stage(inner)
-            .add_stage(MockStage("last", error=BoomError))
-        )
-        response = await execute(pipekit_spans, pipeline, tracer_provider=unsampled.tracer_provider)
+            flaky = MockStage("flaky", fail_times=1, rollback_error=UndoError("cannot undo flaky"))
+            inner = pk.Pipeline("inner").add_stage(MockStage("x"))
+            pipeline = (
+                pk.Pipeline("p")
+                .add_stage(flaky, retry=RETRY)
+                .add_stage(make("traced", traced))
+                .add_stage(inner)
+                .add_stage(MockStage("last", error=BoomError))
+            )
+            response = await execute(pipekit_spans, pipeline, tracer_provider=unsampled.tracer_provider)
+            assert unsampled.spans == ()
         assert response.status is pk.Status.FAILED
         assert response.stages["flaky"].attempts == 2
         assert response.stages["inner"].rolled_back
         assert isinstance(response.stages["flaky"].rollback_error, UndoError)
         assert [call.time for call in flaky.calls] == pytest.approx([0.0, 0.5])
-        assert unsampled.exporter.get_finished_spans() == ()
         assert pipekit_spans.spans == ()
         assert totals(pipekit_spans.metric_points("pipekit.executions"), PIPELINE, STATUS)[("p", "failed")] == 1
         assert totals(pipekit_spans.metric_points("pipekit.stage.retries"), STAGE) == {("flaky",): 1}
         assert totals(pipekit_spans.metric_points("pipekit.rollback.failures"), STAGE) == {("flaky",): 1}
 
-    async def test_unsampled_run_logs_still_carry_its_trace_id(
-        self, pipekit_spans: SpanCapture, unsampled: UnsampledTracing
-    ) -> None:
+    async def test_unsampled_run_logs_still_carry_its_trace_id(self, pipekit_spans: SpanCapture) -> None:
         """Sampled out, a run still has a valid trace id; its log events and ctx.log carry the same one."""
 
         @pk.stage
         async def logs_it(ctx: pk.StageContext) -> None:
             ctx.log.info("user.line")
 
-        with capture_logs() as logs:
+        with capture_logs() as logs, capture_spans(sampler=ALWAYS_OFF) as unsampled:
             pipeline = pk.Pipeline("p").add_stage(logs_it)
             assert (await execute(pipekit_spans, pipeline, tracer_provider=unsampled.tracer_provider)).ok
         seen = [e["trace_id"] for e in logs if e["event"] in ("pipekit.pipeline.started", "user.line")]
         assert len(seen) == 2
         assert seen[0] == seen[1]
         assert HEX32.fullmatch(seen[0])
-        assert unsampled.exporter.get_finished_spans() == ()
+        assert unsampled.spans == ()
         assert pipekit_spans.spans == ()
 
 
@@ -999,20 +902,17 @@ class TestGlobalProviders:
 class TestRunMetrics:
     """Counters and histograms recorded by runs."""
 
-    async def test_executions_by_pipeline_and_status(self, pipekit_spans: SpanCapture, sdk_metrics: SdkMetrics) -> None:
+    async def test_executions_by_pipeline_and_status(self, pipekit_spans: SpanCapture) -> None:
         """``pipekit.executions`` and the duration histogram count runs by pipeline and final status."""
         good = pk.Pipeline("p").add_stage(MockStage("a"))
         bad = pk.Pipeline("p").add_stage(MockStage("a", error=BoomError))
         other = pk.Pipeline("q").add_stage(MockStage("a"))
-        meter_provider = sdk_metrics.meter_provider
-        responses = [
-            await execute(pipekit_spans, pipeline, meter_provider=meter_provider)
-            for pipeline in (good, good, bad, other)
-        ]
+        responses = [await execute(pipekit_spans, pipeline) for pipeline in (good, good, bad, other)]
         expected = {("p", "succeeded"): 2, ("p", "failed"): 1, ("q", "succeeded"): 1}
-        assert totals(sdk_metrics.metric_points("pipekit.executions"), PIPELINE, STATUS) == expected
-        assert totals(sdk_metrics.metric_points("pipekit.execution.duration"), PIPELINE, STATUS) == expected
-        assert math.isclose(sdk_metrics.histogram_sum("pipekit.execution.duration"), sum(r.duration for r in responses))
+        assert totals(pipekit_spans.metric_points("pipekit.executions"), PIPELINE, STATUS) == expected
+        assert totals(pipekit_spans.metric_points("pipekit.execution.duration"), PIPELINE, STATUS) == expected
+        total = histogram_sum(pipekit_spans, "pipekit.execution.duration")
+        assert math.isclose(total, sum(r.duration for r in responses))
 
     async def test_dry_runs_are_not_executions(self, pipekit_spans: SpanCapture) -> None:
         """A dry run adds nothing to ``pipekit.executions`` (as documented)."""
@@ -1024,7 +924,7 @@ class TestRunMetrics:
         """``pipekit.stage.runs`` counts every stage by status, skipped ones as ``skipped``."""
         pipeline = (
             pk.Pipeline("p")
-            .add_stage(plain("a"))
+            .add_stage(MockStage("a", output="a", rollback=False))
             .add_conditional_stage(MockStage("never"), lambda ctx: False)
             .add_stage(MockStage("soft", error=BoomError), continue_on_error=True)
             .add_stage(MockStage("after_soft"), depends_on=("soft",))
@@ -1046,16 +946,14 @@ class TestRunMetrics:
         assert durations == {("a", "succeeded"): 1, ("soft", "failed"): 1, ("hard", "failed"): 1}
 
     @on_fake_clock
-    async def test_stage_duration_sums_the_stage_durations(
-        self, pipekit_spans: SpanCapture, sdk_metrics: SdkMetrics
-    ) -> None:
+    async def test_stage_duration_sums_the_stage_durations(self, pipekit_spans: SpanCapture) -> None:
         """``pipekit.stage.duration`` records each stage's duration, all attempts included."""
         pipeline = pk.Pipeline("p").add_stage(MockStage("a")).add_stage(MockStage("flaky", fail_times=1), retry=RETRY)
-        response = await execute(pipekit_spans, pipeline, meter_provider=sdk_metrics.meter_provider)
-        durations = totals(sdk_metrics.metric_points("pipekit.stage.duration"), STAGE, STATUS)
+        response = await execute(pipekit_spans, pipeline)
+        durations = totals(pipekit_spans.metric_points("pipekit.stage.duration"), STAGE, STATUS)
         assert durations == {("a", "succeeded"): 1, ("flaky", "succeeded"): 1}
         expected = sum(result.duration for result in response.stages.values())
-        assert math.isclose(sdk_metrics.histogram_sum("pipekit.stage.duration"), expected)
+        assert math.isclose(histogram_sum(pipekit_spans, "pipekit.stage.duration"), expected)
         assert response.stages["flaky"].duration >= 0.5  # the back-off is part of the stage's duration
 
     @on_fake_clock
@@ -1114,7 +1012,7 @@ class TestRunMetrics:
         assert totals(pipekit_spans.metric_points("pipekit.hook.failures"), PIPELINE) == {("outer",): 1}
 
     @on_fake_clock
-    async def test_every_instrument_is_produced(self, pipekit_spans: SpanCapture, sdk_metrics: SdkMetrics) -> None:
+    async def test_every_instrument_is_produced(self, pipekit_spans: SpanCapture) -> None:
         """One workload produces every documented instrument, with its documented kind, unit and attributes."""
 
         async def broken(event: pk.Event) -> None:
@@ -1124,18 +1022,19 @@ class TestRunMetrics:
         pipeline = (
             pk.Pipeline("p")
             .add_stage(MockStage("a", rollback_error=UndoError("cannot undo a")))
-            .add_stage(without_rollback(MockStage("flaky", fail_times=1)), retry=RETRY)
+            .add_stage(MockStage("flaky", fail_times=1, rollback=False), retry=RETRY)
             .add_stage(MockStage("c", error=BoomError))
         )
         with capture_logs():
-            async with engine_for(pipekit_spans, meter_provider=sdk_metrics.meter_provider, hooks=[broken]) as engine:
+            async with engine_for(pipekit_spans, hooks=[broken]) as engine:
                 with anyio.fail_after(5):
                     response = await engine.execute(pipeline)
         assert response.status is pk.Status.FAILED
-        produced = sdk_metrics.metrics()
-        assert set(produced) == set(INSTRUMENTS)
+        assert pipekit_spans.metric_names() == set(INSTRUMENTS)
         for name, (kind, unit, keys) in INSTRUMENTS.items():
-            metric = produced[name]
+            metric = pipekit_spans.metric(name)
+            # metric() is the first metric of that name, metric_points() every one: so it was reported once.
+            assert len(metric.data.data_points) == len(pipekit_spans.metric_points(name)), name
             assert metric.unit == unit, name
             data = metric.data
             if kind == "histogram":
@@ -1156,12 +1055,12 @@ class TestEngineMetrics:
         def gauge(name: str) -> dict[tuple[Any, ...], float]:
             return totals(pipekit_spans.metric_points(f"pipekit.engine.executions.{name}"), PIPELINE)
 
-        gate = Gate()
-        pipeline = pk.Pipeline("p").add_stage(make("wait", gate))
+        wait = MockStage("wait", block=True)
+        pipeline = pk.Pipeline("p").add_stage(wait)
         async with engine_for(pipekit_spans, max_concurrent=1) as engine:
             handles = [await engine.submit(pipeline) for _ in range(3)]
             with anyio.fail_after(5):
-                await gate.started.wait()
+                await wait.wait_started()
             assert gauge("running") == {("p",): 1}
             assert gauge("queued") == {("p",): 2}
             with anyio.fail_after(5):
@@ -1169,8 +1068,10 @@ class TestEngineMetrics:
             assert cancelled.status is pk.Status.CANCELLED
             assert gauge("queued") == {("p",): 1}
             assert gauge("running") == {("p",): 1}
-            gate.release.set()
+            assert wait.call_count == 1  # one at a time
+            wait.release()
         assert [h.status for h in handles] == [pk.Status.SUCCEEDED, pk.Status.SUCCEEDED, pk.Status.CANCELLED]
+        assert wait.call_count == 2
         assert gauge("running") == {("p",): 0}
         assert gauge("queued") == {("p",): 0}
 
@@ -1180,27 +1081,26 @@ class TestEngineMetrics:
         def gauge(name: str) -> dict[tuple[Any, ...], float]:
             return totals(pipekit_spans.metric_points(f"pipekit.engine.executions.{name}"), PIPELINE)
 
-        gate = Gate()
-        pipeline = pk.Pipeline("p").add_stage(make("wait", gate))
+        wait = MockStage("wait", block=True)
+        pipeline = pk.Pipeline("p").add_stage(wait)
         with anyio.CancelScope() as scope:
             async with engine_for(pipekit_spans, max_concurrent=1) as engine:
                 handles = [await engine.submit(pipeline) for _ in range(3)]
                 with anyio.fail_after(5):
-                    await gate.started.wait()
+                    await wait.wait_started()
                 assert gauge("queued") == {("p",): 2}
                 scope.cancel()
                 await anyio.lowlevel.checkpoint()
         assert scope.cancelled_caught
         assert [h.status for h in handles] == [pk.Status.CANCELLED] * 3
+        assert wait.call_count == 1  # the queued two never started
         assert gauge("running") == {("p",): 0}
         assert gauge("queued") == {("p",): 0}
         assert totals(pipekit_spans.metric_points("pipekit.executions"), STATUS) == {("cancelled",): 3}
 
-    async def test_engine_metrics_agree_with_the_instruments(
-        self, pipekit_spans: SpanCapture, sdk_metrics: SdkMetrics
-    ) -> None:
+    async def test_engine_metrics_agree_with_the_instruments(self, pipekit_spans: SpanCapture) -> None:
         """Totals, successes, failures, the duration count/sum and hook failures match the instruments."""
-        gate = Gate()
+        held = MockStage("work", output="wait", block=True)
 
         # One stage body for every run, so runs of one pipeline differ only by their input.
         async def by_mode(ctx: pk.StageContext) -> str:
@@ -1208,7 +1108,7 @@ class TestEngineMetrics:
             if mode == "fail":
                 raise BoomError("asked to")
             if mode == "wait":
-                return await gate(ctx)
+                return str(await held.execute(ctx))
             return str(mode)
 
         async def broken(event: pk.Event) -> None:
@@ -1218,11 +1118,11 @@ class TestEngineMetrics:
         p = pk.Pipeline("p").add_stage(make("work", by_mode))
         q = pk.Pipeline("q").add_stage(make("work", by_mode))
         with capture_logs():
-            async with engine_for(pipekit_spans, meter_provider=sdk_metrics.meter_provider, hooks=[broken]) as engine:
+            async with engine_for(pipekit_spans, hooks=[broken]) as engine:
                 handles = [await engine.submit(p, input={"mode": m}) for m in ("ok", "ok", "fail", "wait")]
                 handles.append(await engine.submit(q, input={"mode": "ok"}))
                 with anyio.fail_after(5):
-                    await gate.started.wait()
+                    await held.wait_started()
                     await handles[3].cancel()
                     responses = [await h.wait() for h in handles]
         assert [r.status for r in responses[:4]] == [
@@ -1231,9 +1131,9 @@ class TestEngineMetrics:
             pk.Status.FAILED,
             pk.Status.CANCELLED,
         ]
-        executions = totals(sdk_metrics.metric_points("pipekit.executions"), PIPELINE, STATUS)
-        durations = totals(sdk_metrics.metric_points("pipekit.execution.duration"), PIPELINE)
-        hook_failures = totals(sdk_metrics.metric_points("pipekit.hook.failures"), PIPELINE)
+        executions = totals(pipekit_spans.metric_points("pipekit.executions"), PIPELINE, STATUS)
+        durations = totals(pipekit_spans.metric_points("pipekit.execution.duration"), PIPELINE)
+        hook_failures = totals(pipekit_spans.metric_points("pipekit.hook.failures"), PIPELINE)
         for name in ("p", "q"):
             metrics = engine.metrics(name)
             by_status = {status: n for (pipeline, status), n in executions.items() if pipeline == name}
@@ -1245,7 +1145,8 @@ class TestEngineMetrics:
             assert metrics.hook_failures == hook_failures.get((name,), 0)
         assert engine.metrics("p").total_executions == 4
         assert engine.metrics("p").hook_failures == 4
-        assert math.isclose(sdk_metrics.histogram_sum("pipekit.execution.duration"), sum(r.duration for r in responses))
+        total = histogram_sum(pipekit_spans, "pipekit.execution.duration")
+        assert math.isclose(total, sum(r.duration for r in responses))
 
     async def test_engine_metrics_agree_with_dry_runs_in_the_mix(self, pipekit_spans: SpanCapture) -> None:
         """Dry runs submitted to an engine are counted the same way by ``engine.metrics`` and the instruments."""
@@ -1269,7 +1170,7 @@ def failing_run() -> pk.Pipeline:
     return (
         pk.Pipeline("p")
         .add_stage(MockStage("a", rollback_error=UndoError("cannot undo a")))
-        .add_stage(without_rollback(MockStage("flaky", fail_times=1)), retry=RETRY)
+        .add_stage(MockStage("flaky", fail_times=1, rollback=False), retry=RETRY)
         .add_stage(MockStage("c", error=BoomError))
     )
 
@@ -1340,13 +1241,13 @@ class TestLogs:
 
     async def test_cancelled_stage_is_logged(self, pipekit_spans: SpanCapture) -> None:
         """A stage interrupted by cancellation logs ``pipekit.stage.cancelled`` at info (as documented)."""
-        gate = Gate()
-        pipeline = pk.Pipeline("p").add_stage(make("wait", gate))
+        wait = MockStage("wait", block=True)
+        pipeline = pk.Pipeline("p").add_stage(wait)
         with capture_logs() as logs:
             async with engine_for(pipekit_spans) as engine:
                 handle = await engine.submit(pipeline)
                 with anyio.fail_after(5):
-                    await gate.started.wait()
+                    await wait.wait_started()
                     await handle.cancel()
         cancelled = [e for e in logs if e["event"] == "pipekit.stage.cancelled"]
         assert len(cancelled) == 1
@@ -1408,16 +1309,17 @@ class TestAuditRegressions:
     @on_fake_clock
     async def test_rollback_failures_never_exceed_rollbacks(self, pipekit_spans: SpanCapture) -> None:
         """A rollback that never started before the rollback timeout counts as scheduled and as failed."""
-        first = MockStage("first")
+        first, second = MockStage("first"), MockStage("second", rollback_delay=math.inf)  # second's rollback hangs
         pipeline = (
             pk.Pipeline("p")
             .add_stage(first)
-            .add_stage(make("second", MockStage("second").execute, undo=hang))
+            .add_stage(second)
             .add_stage(MockStage("boom", error=BoomError))
             .with_rollback(timeout=0.02)
         )
         assert (await execute(pipekit_spans, pipeline)).status is pk.Status.FAILED
         assert first.rollbacks == []  # the rollback timeout ran out while "second" was being undone
+        assert len(second.rollbacks) == 1
         rollbacks = totals(pipekit_spans.metric_points("pipekit.rollbacks"), STAGE)
         failures = totals(pipekit_spans.metric_points("pipekit.rollback.failures"), STAGE)
         assert rollbacks == {("first",): 1, ("second",): 1}

@@ -1080,3 +1080,176 @@ class TestFixtures:
                     stage push attempt 2
             """,
         )
+
+
+class TestKitFeatureCoverage:
+    """Held mocks, no-rollback mocks, rollback delays, sampled-out captures, SDK metrics, call order, chosen errors."""
+
+    async def test_block_holds_each_call_until_release(self, pipekit_clock: FakeClock) -> None:
+        """A ``block=True`` mock starts, then waits (an hour of virtual time too) until ``release``."""
+        held = MockStage("a", output="x", block=True)
+        responses: list[pk.PipelineResponse] = []
+
+        async def run() -> None:
+            responses.append(await chain("p", held).execute())
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(run)
+            await held.wait_started()
+            assert held.call_count == 1
+            assert not held.released
+            await anyio.sleep(3600)
+            assert responses == []  # still held
+            held.release()
+            assert held.released
+        [response] = responses
+        assert response.ok
+        assert response.stages["a"].output == "x"
+        assert pipekit_clock.elapsed() == 3600  # it finished the moment it was released
+
+    async def test_release_lets_later_calls_through_and_reset_re_arms(self, pipekit_clock: FakeClock) -> None:
+        """After ``release`` calls no longer wait; ``reset()`` forgets the calls and holds the next call again."""
+        held = MockStage("a", block=True)
+        held.release()
+        with anyio.fail_after(1):
+            assert (await chain("p", held).execute()).ok
+            assert (await chain("p", held).execute()).ok
+        assert held.call_count == 2
+        held.reset()
+        assert held.calls == []
+        assert not held.released
+        done = anyio.Event()
+
+        async def run() -> None:
+            assert (await chain("p", held).execute()).ok
+            done.set()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(run)
+            await held.wait_started()
+            await anyio.sleep(60)
+            assert not done.is_set()  # held again
+            held.release()
+        assert done.is_set()
+        assert held.call_count == 1
+
+    async def test_rollback_false_is_never_compensated(self, pipekit_events: EventCapture) -> None:
+        """A ``rollback=False`` mock still records its calls but has no rollback: a failure does not undo it."""
+        a, b = MockStage("a", output="a", rollback=False), MockStage("b")
+        response = await chain("p", a, b, MockStage("boom", error=ValueError("no"))).execute()
+        assert_status(response, pk.Status.FAILED)
+        assert_rolled_back(response, ["b"])
+        assert len(a.calls) == 1
+        assert a.rollbacks == []
+        assert (response.stages["a"].status, response.stages["a"].rolled_back) == (pk.Status.SUCCEEDED, False)
+        assert [e.stage for e in pipekit_events.of(pk.StageRolledBack)] == ["b"]
+        # With nothing else to undo, no rollback happens at all.
+        pipekit_events.clear()
+        alone = MockStage("alone", rollback=False)
+        await chain("q", alone, MockStage("boom", error=ValueError("no"))).execute()
+        assert pipekit_events.of(pk.RollbackStarted) == []
+        assert alone.rollbacks == []
+
+    async def test_rollback_delay_takes_virtual_time(self, pipekit_clock: FakeClock) -> None:
+        """``rollback_delay`` makes the rollback take that long on the fake clock, then succeed."""
+        start = pipekit_clock.now()
+        slow = MockStage("slow", rollback_delay=30)  # within the default 60 s rollback timeout
+        response = await chain("p", slow, MockStage("boom", error=ValueError("no"))).execute()
+        assert_rolled_back(response, ["slow"])
+        assert [call.time for call in slow.rollbacks] == [start]  # recorded when it started
+        assert pipekit_clock.now() - start == 30
+
+    async def test_infinite_rollback_delay_hangs_until_the_rollback_timeout(self, pipekit_clock: FakeClock) -> None:
+        """``rollback_delay=math.inf`` never finishes: the rollback timeout cuts it off."""
+        stuck = MockStage("stuck", rollback_delay=math.inf)
+        pipeline = chain("p", stuck, MockStage("boom", error=ValueError("no"))).with_rollback(timeout=7)
+        response = await pipeline.execute()
+        assert len(stuck.rollbacks) == 1
+        assert response.stages["stuck"].rollback_error is not None
+        assert not response.stages["stuck"].rolled_back
+        assert pipekit_clock.elapsed() == 7
+
+    async def test_capture_spans_with_an_always_off_sampler(self) -> None:
+        """``capture_spans(sampler=ALWAYS_OFF)`` records no span, but metrics still."""
+        from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
+
+        with capture_spans(sampler=ALWAYS_OFF) as spans:
+            assert spans.tracer_provider.sampler is ALWAYS_OFF
+            assert (await chain("p", MockStage("a")).execute()).ok
+        assert spans.spans == ()
+        assert spans.names() == []
+        assert spans.metric_points("pipekit.executions") == [
+            ({"pipekit.pipeline.name": "p", "pipekit.status": "succeeded"}, 1)
+        ]
+        with capture_spans() as sampled:  # the SDK default samples the run
+            assert (await chain("p", MockStage("a")).execute()).ok
+        assert sampled.names() == ["pipeline p", "stage a"]
+
+    async def test_metric_and_metric_names(self) -> None:
+        """``metric(name)`` is the SDK's metric (kind, unit, points with sums); ``metric_names()`` lists them."""
+        from opentelemetry.sdk.metrics.export import Histogram, Sum
+
+        with capture_spans() as spans:
+            assert spans.metric_names() == set()
+            responses = [await chain("p", MockStage("a")).execute() for _ in range(2)]
+            responses.append(await chain("p", MockStage("a", error=ValueError("no"))).execute())
+        assert {"pipekit.executions", "pipekit.execution.duration", "pipekit.stage.runs"} <= spans.metric_names()
+        assert "pipekit.stage.retries" not in spans.metric_names()  # nothing retried
+        executions = spans.metric("pipekit.executions")
+        assert executions.unit == "{execution}"
+        assert isinstance(executions.data, Sum)
+        assert executions.data.is_monotonic
+        by_status = {dict(p.attributes or {})["pipekit.status"]: p.value for p in executions.data.data_points}
+        assert by_status == {"succeeded": 2, "failed": 1}
+        duration = spans.metric("pipekit.execution.duration")
+        assert duration.unit == "s"
+        assert isinstance(duration.data, Histogram)
+        assert sum(p.count for p in duration.data.data_points) == 3
+        assert math.isclose(sum(p.sum for p in duration.data.data_points), sum(r.duration for r in responses))
+        with pytest.raises(AssertionError, match=r"no metric 'pipekit\.nope' recorded; recorded: \['pipekit\."):
+            spans.metric("pipekit.nope")
+
+    async def test_call_sequence_orders_calls_made_at_the_same_instant(self, pipekit_clock: FakeClock) -> None:
+        """Validate, execute and rollback calls of every mock share one sequence, in the order they were made."""
+        a, b = MockStage("a"), MockStage("b", error=ValueError("no"))
+        await chain("p", a, b).execute()
+        calls = [a.validations[0], a.calls[0], b.validations[0], b.calls[0], a.rollbacks[0]]
+        assert len({call.time for call in calls}) == 1  # all at the same (virtual) instant
+        sequences = [call.sequence for call in calls]
+        assert sequences == sorted(sequences)
+        assert len(set(sequences)) == len(sequences)
+
+    async def test_call_pipeline_names_the_pipeline_being_run(self) -> None:
+        """``Call.pipeline`` is the pipeline the call ran in: a nested pipeline's own name for its stages."""
+        outer_stage, inner_stage = MockStage("a"), MockStage("x")
+        inner = pk.Pipeline("inner").add_stage(inner_stage)
+        response = await pk.Pipeline("outer").add_stage(outer_stage).add_stage(inner).execute()
+        assert response.ok
+        assert [call.pipeline for call in outer_stage.validations + outer_stage.calls] == ["outer", "outer"]
+        assert [call.pipeline for call in inner_stage.calls] == ["inner"]
+
+    async def test_error_with_fail_times_fails_with_that_error_then_succeeds(
+        self, pipekit_events: EventCapture
+    ) -> None:
+        """With ``error`` and ``fail_times`` the first calls raise ``error`` (instance, class or message), then pass."""
+        down = ConnectionError("down")
+        flaky = MockStage("flaky", output="ok", fail_times=2, error=down)
+        by_class = MockStage("by_class", fail_times=1, error=TimeoutError)
+        by_message = MockStage("by_message", fail_times=1, error="try again")
+        response = await chain(
+            "p", flaky, by_class, by_message, flaky=NO_WAIT, by_class=NO_WAIT, by_message=NO_WAIT
+        ).execute()
+        assert response.ok
+        assert response.stages["flaky"].output == "ok"
+        assert [call.attempt for call in flaky.calls] == [1, 2, 3]
+        errors = {
+            stage: [e.error for e in pipekit_events.of(pk.StageRetrying) if e.stage == stage]
+            for stage in ("flaky", "by_class", "by_message")
+        }
+        assert errors["flaky"] == [down, down]
+        assert [type(e) for e in errors["by_class"]] == [TimeoutError]
+        assert [(type(e), str(e)) for e in errors["by_message"]] == [(MockStageError, "try again")]
+        # Without a retry, the stage fails with the chosen error itself.
+        once = MockStage("once", fail_times=1, error=down)
+        failed = await chain("q", once).execute()
+        assert failed.stages["once"].error is down
