@@ -7,7 +7,7 @@ back-off and timeouts take no real time, and the tests can say exactly when the 
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from functools import partial
 from typing import Any
 
@@ -17,10 +17,10 @@ import pytest
 
 import pipekit as pk
 from pipekit.testing import EventCapture, FakeClock, MockStage, assert_rolled_back, assert_status
+from tests.helpers import Body, YieldingMock
 
 pytestmark = pytest.mark.pipekit_clock(backends=[("asyncio", {"debug": True}), "trio"])
 
-Body = Callable[[], Awaitable[None]]
 
 HOUR = 3600.0
 """Longer than any test waits: a stage taking this long is in flight until something cancels it.
@@ -32,35 +32,22 @@ class BoomError(Exception):
     """The failure a test stage raises."""
 
 
-class Probe(MockStage):
-    """A `MockStage` that yields to the event loop as real stages do, and counts how its calls ended.
-
-    Its rollback may also await ``undo``. The kit's MockStage records each call as it starts, but
-    not whether it completed or was interrupted by a cancellation; it never awaits without a
-    ``delay``, and its rollback never does (so it can't wait, nor show a missing shield).
-    """
+class Probe(YieldingMock):
+    """A `YieldingMock` that also counts how its calls ended: completed, or interrupted by a cancellation."""
 
     def __init__(self, name: str, *, undo: Body | None = None, **kwargs: Any) -> None:
-        super().__init__(name, **kwargs)
-        self.undo = undo
+        super().__init__(name, undo=undo, **kwargs)
         self.completed = 0
         self.interrupted = 0
 
     async def execute(self, ctx: pk.StageContext) -> Any:
         try:
             output = await super().execute(ctx)
-            await anyio.lowlevel.checkpoint()
         except anyio.get_cancelled_exc_class():
             self.interrupted += 1
             raise
         self.completed += 1
         return output
-
-    async def rollback(self, ctx: pk.StageContext) -> None:
-        await anyio.lowlevel.checkpoint()
-        await super().rollback(ctx)
-        if self.undo is not None:
-            await self.undo()
 
 
 def probes(pipeline: pk.Pipeline) -> Iterator[Probe]:

@@ -7,9 +7,8 @@ simply in flight until something cancels it.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from functools import partial
-from typing import Any
 
 import anyio
 import anyio.lowlevel
@@ -25,10 +24,10 @@ from pipekit.testing import (
     assert_status,
     capture_events,
 )
+from tests.helpers import Body, YieldingMock
 
 pytestmark = pytest.mark.pipekit_clock(backends=[("asyncio", {"debug": True}), "trio"])
 
-Body = Callable[[], Awaitable[None]]
 
 HOUR = 3600.0
 """Longer than any test waits: a stage (or rollback) taking this long is in flight until something cuts it off.
@@ -44,28 +43,7 @@ class UndoError(Exception):
     """The failure a test rollback raises."""
 
 
-class Mock(MockStage):
-    """A `MockStage` that yields to the event loop in ``execute`` and ``rollback``, as real stages do.
-
-    Its rollback also awaits ``undo``, when given (to take time, block, wait or signal). The kit's
-    MockStage never awaits without a ``delay``, and its rollback never does: a rollback that can't be
-    interrupted passes even when the engine forgets to shield it from a cancellation.
-    """
-
-    def __init__(self, name: str, *, undo: Body | None = None, **kwargs: Any) -> None:
-        super().__init__(name, **kwargs)
-        self.undo = undo
-
-    async def execute(self, ctx: pk.StageContext) -> Any:
-        output = await super().execute(ctx)
-        await anyio.lowlevel.checkpoint()
-        return output
-
-    async def rollback(self, ctx: pk.StageContext) -> None:
-        await anyio.lowlevel.checkpoint()
-        await super().rollback(ctx)
-        if self.undo is not None:
-            await self.undo()
+Mock = YieldingMock
 
 
 def mocks(pipeline: pk.Pipeline) -> Iterator[MockStage]:
