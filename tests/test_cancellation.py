@@ -19,7 +19,7 @@ import pipekit as pk
 from pipekit.testing import EventCapture, FakeClock, MockStage, assert_rolled_back, assert_status
 from tests.helpers import Body, YieldingMock
 
-pytestmark = pytest.mark.pipekit_clock(backends=[("asyncio", {"debug": True}), "trio"])
+pytestmark = pytest.mark.pipekit_clock
 
 
 HOUR = 3600.0

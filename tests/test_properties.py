@@ -44,19 +44,12 @@ class NodeSpec:
 
 
 class GeneratedStage(MockStage):
-    """A `MockStage` for one generated node that also records how its call ended, and whose rollback takes time.
+    """A `MockStage` that also records how its execute ended (the kit's records only that it was called)."""
 
-    The kit's MockStage records each call as it starts, but not whether it completed, and its
-    ``delay`` applies to ``execute`` only. Here ``undo_started`` holds when each rollback started,
-    and ``rollbacks`` records each rollback as it ends (then raises ``rollback_error``, if any).
-    """
-
-    def __init__(self, name: str, *, undo_seconds: float, **kwargs: Any) -> None:
+    def __init__(self, name: str, **kwargs: Any) -> None:
         super().__init__(name, **kwargs)
-        self.undo_seconds = undo_seconds
         self.completed = False
         self.raised = False
-        self.undo_started: list[float] = []
 
     async def execute(self, ctx: pk.StageContext) -> Any:
         try:
@@ -66,11 +59,6 @@ class GeneratedStage(MockStage):
             raise
         self.completed = True
         return output
-
-    async def rollback(self, ctx: pk.StageContext) -> None:
-        self.undo_started.append(anyio.current_time())
-        await anyio.sleep(self.undo_seconds)
-        await super().rollback(ctx)
 
 
 @dataclass
@@ -93,7 +81,7 @@ class Observed:
     @property
     def compensated(self) -> set[int]:
         """Stages whose rollback was called."""
-        return {i for i, s in enumerate(self.stages) if s.undo_started}
+        return {i for i, s in enumerate(self.stages) if s.rollbacks}
 
     @property
     def undo_errors(self) -> dict[int, BaseException]:
@@ -101,7 +89,7 @@ class Observed:
         return {
             i: s.rollback_error
             for i, s in enumerate(self.stages)
-            if s.undo_started and isinstance(s.rollback_error, BaseException)
+            if s.rollbacks and isinstance(s.rollback_error, BaseException)
         }
 
 
@@ -153,6 +141,23 @@ def descendants(spec: tuple[NodeSpec, ...], i: int) -> set[int]:
     return found
 
 
+def nearest_below(spec: tuple[NodeSpec, ...], i: int, among: set[int]) -> set[int]:
+    """The stages of ``among`` nearest below ``i``: reached through its dependents, stopping at each one found."""
+    found: set[int] = set()
+    frontier = [j for j in range(i + 1, len(spec)) if i in spec[j].deps]
+    visited: set[int] = set()
+    while frontier:
+        j = frontier.pop()
+        if j in visited:
+            continue
+        visited.add(j)
+        if j in among:
+            found.add(j)
+        else:
+            frontier.extend(k for k in range(j + 1, len(spec)) if j in spec[k].deps)
+    return found
+
+
 async def run_dag(spec: tuple[NodeSpec, ...]) -> Observed:
     """Build the pipeline for ``spec`` from mock stages, run it, and return what they recorded."""
     stages = [
@@ -161,14 +166,13 @@ async def run_dag(spec: tuple[NodeSpec, ...]) -> Observed:
             delay=node.seconds,
             error=BoomError(name(i)) if node.fails else None,
             rollback_error=BoomError(f"undo {name(i)}") if node.rollback_fails else None,
-            undo_seconds=node.undo_seconds,
+            rollback=node.rollback,
+            rollback_delay=node.undo_seconds,
         )
         for i, node in enumerate(spec)
     ]
     pipeline = pk.Pipeline("generated")
-    for node, mock in zip(spec, stages, strict=True):
-        # Without a rollback, only the mock's execute is used (a MockStage always has a rollback).
-        stage = mock if node.rollback else pk.FunctionStage(name=mock.name, fn=mock.execute)
+    for node, stage in zip(spec, stages, strict=True):
         depends_on = tuple(name(d) for d in node.deps)
         if node.skipped:
             pipeline = pipeline.add_conditional_stage(
@@ -188,9 +192,8 @@ def check_compensation(spec: tuple[NodeSpec, ...], seen: Observed) -> None:
     """Assert the rollback properties for one run."""
     stages = seen.stages
     compensated = seen.compensated
-    counts = {i: len(stages[i].undo_started) for i in compensated}
+    counts = {i: len(stages[i].rollbacks) for i in compensated}
     assert all(n == 1 for n in counts.values()), f"compensated more than once: {counts}"
-    assert {i: len(s.rollbacks) for i, s in enumerate(stages) if s.rollbacks} == counts  # every rollback ended
 
     # No uncompleted stage is compensated (skipped ones never even execute).
     assert compensated <= seen.completed
@@ -208,9 +211,15 @@ def check_compensation(spec: tuple[NodeSpec, ...], seen: Observed) -> None:
     # A stage is compensated only after all its compensated descendants (see dags() on exactness).
     for i in compensated:
         for d in descendants(spec, i) & compensated:
-            [started] = stages[i].undo_started
-            [ended] = stages[d].rollbacks
-            assert started >= ended.time, f"{name(i)} undone before {name(d)}"
+            [started], [other] = stages[i].rollbacks, stages[d].rollbacks
+            assert started.time >= other.time + spec[d].undo_seconds, f"{name(i)} undone before {name(d)}"
+
+    # ... and not a moment later: independent branches are undone concurrently.
+    if compensated:
+        begin = min(stages[i].rollbacks[0].time for i in compensated)
+        for i in compensated:
+            ends = [stages[d].rollbacks[0].time + spec[d].undo_seconds for d in nearest_below(spec, i, compensated)]
+            assert stages[i].rollbacks[0].time == max(ends, default=begin), f"{name(i)} undone late"
 
     undo_errors = seen.undo_errors
     for i in range(len(spec)):
@@ -235,7 +244,7 @@ class TestCompensationProperties:
     @PROPERTY_SETTINGS
     @given(spec=dags())
     def test_random_dags_with_random_failures(self, backend: str, spec: tuple[NodeSpec, ...]) -> None:
-        """Completed stages with a rollback are undone exactly once, after their dependents; nothing else is."""
+        """Completed stages with a rollback are undone exactly once, just after their dependents; nothing else is."""
         seen = run_with_fake_clock(run_dag, spec, backend=backend)
         check_compensation(spec, seen)
 

@@ -8,7 +8,6 @@ simply in flight until something cancels it.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from functools import partial
 
 import anyio
 import anyio.lowlevel
@@ -26,7 +25,7 @@ from pipekit.testing import (
 )
 from tests.helpers import Body, YieldingMock
 
-pytestmark = pytest.mark.pipekit_clock(backends=[("asyncio", {"debug": True}), "trio"])
+pytestmark = pytest.mark.pipekit_clock
 
 
 HOUR = 3600.0
@@ -44,6 +43,12 @@ class UndoError(Exception):
 
 
 Mock = YieldingMock
+
+
+def undo_start(stage: MockStage) -> float:
+    """When the one rollback of ``stage`` started (virtual time)."""
+    [call] = stage.rollbacks
+    return call.time
 
 
 def mocks(pipeline: pk.Pipeline) -> Iterator[MockStage]:
@@ -198,17 +203,17 @@ class TestSequentialRollback:
 class TestParallelRollback:
     async def test_every_member_is_compensated_before_the_stage_before_the_group(self) -> None:
         """All members of a completed parallel group are undone, and only then the stage they follow."""
+        a, members = Mock("a"), [Mock(n, rollback_delay=1) for n in ("p1", "p2", "p3")]
         pipeline = (
-            pk.Pipeline("par")
-            .add_stage(Mock("a"))
-            .add_parallel_stages(Mock("p1"), Mock("p2"), Mock("p3"))
-            .add_stage(Mock("boom", error=BoomError))
+            pk.Pipeline("par").add_stage(a).add_parallel_stages(*members).add_stage(Mock("boom", error=BoomError))
         )
         response = await pipeline.execute()
         order = rollback_order(response)
         assert sorted(order[:3]) == ["p1", "p2", "p3"]
         assert order[3:] == ["a"]
         assert rollback_calls(pipeline) == {"a": 1, "p1": 1, "p2": 1, "p3": 1}
+        [start] = {undo_start(m) for m in members}  # together, each taking 1 s
+        assert undo_start(a) == start + 1
         assert all(response.stages[n].status is pk.Status.ROLLED_BACK for n in ("a", "p1", "p2", "p3"))
 
     async def test_members_are_compensated_concurrently(self) -> None:
@@ -262,7 +267,8 @@ class TestGraphRollback:
 
     async def test_diamond_is_compensated_in_reverse_dependency_order(self) -> None:
         """The join d is undone first, then b and c, then a last."""
-        pipeline = self.diamond()
+        a, b, c, d = Mock("a"), Mock("b", rollback_delay=1), Mock("c", rollback_delay=1), Mock("d", rollback_delay=1)
+        pipeline = self.diamond(a=a, b=b, c=c, d=d)
         response = await pipeline.execute()
         assert_status(response, pk.Status.FAILED)
         order = rollback_order(response)
@@ -270,15 +276,16 @@ class TestGraphRollback:
         assert sorted(order[1:3]) == ["b", "c"]
         assert order[3:] == ["a"]
         assert rollback_calls(pipeline) == {"a": 1, "b": 1, "c": 1, "d": 1}
+        start = undo_start(d)  # each of d, b and c takes 1 s to undo
+        assert (undo_start(b), undo_start(c), undo_start(a)) == (start + 1, start + 1, start + 2)
 
     async def test_root_waits_for_the_slower_branch(self) -> None:
         """The root a is undone only after both b and c, even when one branch's rollback takes longer."""
-        a, b, c = Mock("a"), Mock("b", undo=partial(anyio.sleep, 5)), Mock("c")
+        a, b, c = Mock("a"), Mock("b", rollback_delay=5), Mock("c")
         response = await self.diamond(a=a, b=b, c=c).execute()
         assert rollback_order(response)[-1] == "a"
-        [a_undo], [b_undo], [c_undo] = a.rollbacks, b.rollbacks, c.rollbacks
-        assert a_undo.time == b_undo.time + 5  # a started the moment b's 5 s rollback finished
-        assert a_undo.time >= c_undo.time
+        assert undo_start(a) == undo_start(b) + 5  # a started the moment b's 5 s rollback finished
+        assert undo_start(a) >= undo_start(c)
 
     async def test_branches_are_compensated_concurrently(self) -> None:
         """The rollbacks of b and c wait for each other, so they must run at the same time."""
@@ -291,11 +298,12 @@ class TestGraphRollback:
 
     async def test_failing_join_compensates_both_branches_then_the_root(self) -> None:
         """When d itself fails, b and c are undone, then a; d is not."""
+        a, b, c = Mock("a"), Mock("b", rollback_delay=1), Mock("c", rollback_delay=1)
         pipeline = (
             pk.Pipeline("diamond")
-            .add_stage(Mock("a"))
-            .add_stage(Mock("b"), depends_on=("a",))
-            .add_stage(Mock("c"), depends_on=("a",))
+            .add_stage(a)
+            .add_stage(b, depends_on=("a",))
+            .add_stage(c, depends_on=("a",))
             .add_stage(Mock("d", error=BoomError), depends_on=("b", "c"))
         )
         response = await pipeline.execute()
@@ -303,6 +311,7 @@ class TestGraphRollback:
         assert sorted(order[:2]) == ["b", "c"]
         assert order[2:] == ["a"]
         assert rollback_calls(pipeline) == {"a": 1, "b": 1, "c": 1}
+        assert undo_start(a) == undo_start(b) + 1 == undo_start(c) + 1  # b and c together, 1 s each
         assert response.stages["d"].status is pk.Status.FAILED
 
     async def test_completed_branch_is_undone_when_the_other_fails(self) -> None:
@@ -319,7 +328,7 @@ class TestGraphRollback:
 
     async def test_middle_stage_without_rollback_still_orders_the_graph(self) -> None:
         """Graph a -> x (no rollback) -> {b, c}: a waits for b and c through x."""
-        a, b = Mock("a"), Mock("b", undo=partial(anyio.sleep, 5))
+        a, b = Mock("a"), Mock("b", rollback_delay=5)
         pipeline = (
             pk.Pipeline("graph")
             .add_stage(a)
@@ -333,7 +342,7 @@ class TestGraphRollback:
         assert order[-1] == "a"
         assert sorted(order) == ["a", "b", "c"]
         assert rollback_calls(pipeline) == {"a": 1, "b": 1, "c": 1}
-        assert a.rollbacks[0].time == b.rollbacks[0].time + 5  # a started the moment b's rollback finished
+        assert undo_start(a) == undo_start(b) + 5  # a started the moment b's rollback finished
 
     async def test_independent_roots_are_compensated_after_their_own_dependents_only(self) -> None:
         """Root r1's rollback does not wait for an unrelated root r2's dependents."""
@@ -609,7 +618,7 @@ class TestRollbackErrors:
 
     async def test_rollback_timeout_bounds_a_hanging_rollback(self, pipekit_clock: FakeClock) -> None:
         """A rollback that hangs is cut off by the rollback timeout and recorded as a TimeoutError."""
-        stuck = Mock("stuck", undo=partial(anyio.sleep, HOUR))
+        stuck = Mock("stuck", rollback_delay=HOUR)
         pipeline = (
             pk.Pipeline("p")
             .add_stage(stuck, depends_on=())
@@ -668,8 +677,8 @@ class TestRollbackShield:
         self, pipekit_clock: FakeClock, pipekit_events: EventCapture
     ) -> None:
         """Rollbacks that await run to completion even though the run itself was cancelled."""
-        a = Mock("a", undo=partial(anyio.sleep, 1))
-        b = Mock("b", undo=partial(anyio.sleep, 1))
+        a = Mock("a", rollback_delay=1)
+        b = Mock("b", rollback_delay=1)
         pipeline = pk.Pipeline("p").add_stage(a).add_stage(b).add_stage(Mock("slow", delay=HOUR))
         with anyio.CancelScope() as scope:
             async with anyio.create_task_group() as tg:
@@ -678,18 +687,16 @@ class TestRollbackShield:
                 scope.cancel()
         assert scope.cancelled_caught
         assert undone(pipekit_events) == [("p", "b"), ("p", "a")]
-        assert (b.rollbacks[0].time, a.rollbacks[0].time) == (1.0, 2.0)  # each slept its full second
+        assert (undo_start(b), undo_start(a)) == (1.0, 2.0)  # each slept its full second
         assert pipekit_clock.elapsed() == 3.0
 
 
 class TestAtomicPipeline:
     async def test_failure_rolls_back_every_completed_stage(self) -> None:
         """Any failure undoes everything that completed, in reverse order."""
+        a, b, c = Mock("a"), Mock("b", rollback_delay=1), Mock("c", rollback_delay=1)
         pipeline = (
-            pk.AtomicPipeline("atomic")
-            .add_stage(Mock("a"))
-            .add_parallel_stages(Mock("b"), Mock("c"))
-            .add_stage(Mock("boom", error=BoomError))
+            pk.AtomicPipeline("atomic").add_stage(a).add_parallel_stages(b, c).add_stage(Mock("boom", error=BoomError))
         )
         response = await pipeline.execute()
         assert_status(response, pk.Status.FAILED)
@@ -697,6 +704,7 @@ class TestAtomicPipeline:
         assert sorted(order[:2]) == ["b", "c"]
         assert order[2:] == ["a"]
         assert rollback_calls(pipeline) == {"a": 1, "b": 1, "c": 1}
+        assert undo_start(a) == undo_start(b) + 1 == undo_start(c) + 1  # b and c together, 1 s each
 
     async def test_failed_response_has_no_outputs(self) -> None:
         """A failed atomic run reports no partial outputs, neither overall nor per stage."""
@@ -798,7 +806,7 @@ class TestAtomicPipeline:
 
     async def test_serialised_runs_include_rollback(self, pipekit_clock: FakeClock) -> None:
         """The second run starts only after the first one's rollback finished."""
-        work = Mock("work", delay=1, undo=partial(anyio.sleep, 1))
+        work = Mock("work", delay=1, rollback_delay=1)
         pipeline = pk.AtomicPipeline("atomic").add_stage(work).add_stage(Mock("boom", error=BoomError))
         async with anyio.create_task_group() as tg:
             tg.start_soon(pipeline.execute, pk.PipelineRequest(type="1"))
@@ -991,7 +999,7 @@ class TestRollbackEvents:
         """A rollback cut off by the rollback timeout emits StageRollbackFailed with a TimeoutError."""
         pipeline = (
             pk.Pipeline("p")
-            .add_stage(Mock("stuck", undo=partial(anyio.sleep, HOUR)))
+            .add_stage(Mock("stuck", rollback_delay=HOUR))
             .add_stage(Mock("boom", error=BoomError))
             .with_rollback(timeout=5)
         )
@@ -1038,7 +1046,7 @@ class TestRollbackTimeoutErrors:
 
     async def test_hung_and_waiting_rollbacks(self, pipekit_clock: FakeClock) -> None:
         """The hung rollback 'did not finish'; the one waiting behind it 'did not start', naming it."""
-        a, b = Mock("a"), Mock("b", undo=partial(anyio.sleep, HOUR))
+        a, b = Mock("a"), Mock("b", rollback_delay=HOUR)
         pipeline = (
             pk.Pipeline("p")
             .add_stage(a)
