@@ -14,6 +14,7 @@ import attrs
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from opentelemetry import context as otel_context
 
+from ._events import DEFAULT_HOOK_TIMEOUT
 from ._events_log import EventLog, EventStream
 from ._instrument import ATTR_PIPELINE, get_instruments
 from ._pipeline import make_request
@@ -215,7 +216,7 @@ class Engine:
         execution_history: int = 10_000,
         event_buffer: int = 10_000,
         metrics_window: int = 1000,
-        hook_timeout: float = 30.0,
+        hook_timeout: float = DEFAULT_HOOK_TIMEOUT,
         tracer_provider: TracerProvider | None = None,
         meter_provider: MeterProvider | None = None,
     ) -> None:

@@ -8,7 +8,11 @@ import attrs
 
 from ._status import Status
 
+#: Seconds one hook call may take before it counts as failed (the default).
+DEFAULT_HOOK_TIMEOUT = 30.0
+
 __all__ = [
+    "DEFAULT_HOOK_TIMEOUT",
     "Event",
     "PipelineFinished",
     "PipelineStarted",

@@ -10,7 +10,7 @@ import attrs
 
 from ._context import StageContext
 from ._errors import PipelineDefinitionError, ValidationError
-from ._events import Event
+from ._events import DEFAULT_HOOK_TIMEOUT, Event
 from ._plan import Condition, Entry, Plan, compile_plan, find_cycle, resolve_dependencies
 from ._policy import RetryPolicy
 from ._request import PipelineRequest, PipelineResponse
@@ -429,7 +429,7 @@ class Pipeline:
         hooks: Sequence[Hook] = (),
         tracer_provider: TracerProvider | None = None,
         meter_provider: MeterProvider | None = None,
-        hook_timeout: float = 30.0,
+        hook_timeout: float = DEFAULT_HOOK_TIMEOUT,
     ) -> PipelineResponse: ...
     async def execute(
         self,
@@ -440,7 +440,7 @@ class Pipeline:
         hooks: Sequence[Hook] = (),
         tracer_provider: TracerProvider | None = None,
         meter_provider: MeterProvider | None = None,
-        hook_timeout: float = 30.0,
+        hook_timeout: float = DEFAULT_HOOK_TIMEOUT,
     ) -> PipelineResponse | Mapping[str, Any]:
         """Run the pipeline and describe what happened.
 
@@ -470,7 +470,7 @@ class Pipeline:
         if isinstance(request, StageContext):
             return await run_nested(self, request)
         request = make_request(self, request, input, "Pipeline.execute()")
-        hook_timeout = _check_seconds("hook_timeout", hook_timeout) or 30.0
+        _check_seconds("hook_timeout", hook_timeout)
         return await execute_pipeline(
             self,
             request,

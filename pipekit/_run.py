@@ -69,8 +69,6 @@ __all__ = ["Emitter", "collect_validation_errors", "execute_pipeline", "run_nest
 
 _log = structlog.get_logger("pipekit")
 
-#: Seconds one hook call may take before it counts as failed.
-HOOK_TIMEOUT = 30.0
 
 #: Extra event listeners for every run started in this context
 #: (`pipekit.testing.capture_events` sets it).
@@ -118,7 +116,7 @@ class Emitter:
         on_hook_failure: Callable[[], None] | None = None,
         instruments: Instruments | None = None,
         *,
-        hook_timeout: float = HOOK_TIMEOUT,
+        hook_timeout: float = ev.DEFAULT_HOOK_TIMEOUT,
         root: str = "",
     ) -> None:
         self.hooks = tuple(hooks)
@@ -204,7 +202,6 @@ class _Run(_RunView):
         "emitter",
         "error",
         "failure",
-        "is_child",
         "log",
         "mono0",
         "nodes",
@@ -305,7 +302,6 @@ class _Run(_RunView):
         self.rollback_index: list[int | None] = [None] * n
         self.starts = 0
         self.undos = 0
-        self.is_child = parent is not None
         self.parent_run = parent
         self.orphan_hook_failures = 0  # failing hooks of nested pipelines when this run has no emitter
         self.definition_errors: list[ValidationError] = []
@@ -355,7 +351,7 @@ class _Run(_RunView):
             return await self._run()
         # Only the outermost run continues the caller's remote trace; a nested
         # run's parent is the nesting stage's span.
-        parent = propagate.extract(request.carrier) if request.carrier and not self.is_child else None
+        parent = propagate.extract(request.carrier) if request.carrier and self.parent_run is None else None
         span = tel.tracer.start_span(
             f"pipeline {self.pipeline_name}",
             context=parent,
@@ -1120,7 +1116,7 @@ class _Run(_RunView):
             status = _FAILED
         duration = end - self.mono0
         tel = self.tel
-        if tel is not None and not self.dry_run and not self.is_child:
+        if tel is not None and not self.dry_run and self.parent_run is None:
             # Executions are what callers ran; nested pipelines are stages of them.
             attributes = self.plan.telemetry.with_status(status)
             tel.executions.add(1, attributes)
@@ -1401,7 +1397,7 @@ async def execute_pipeline(
     on_start: Callable[[_Run], None] | None = None,
     tracer_provider: TracerProvider | None = None,
     meter_provider: MeterProvider | None = None,
-    hook_timeout: float = HOOK_TIMEOUT,
+    hook_timeout: float = ev.DEFAULT_HOOK_TIMEOUT,
     instruments: Instruments | None = None,
 ) -> PipelineResponse:
     """Run ``pipeline`` for ``request`` and return the response (the public entry point)."""
