@@ -39,6 +39,7 @@ from ._exports import fixup_module_metadata as _fixup
 from ._pipeline import AtomicPipeline as AtomicPipeline
 from ._pipeline import Hook as Hook
 from ._pipeline import Pipeline as Pipeline
+from ._pipeline import Validator as Validator
 from ._pipeline import WorkflowPipeline as WorkflowPipeline
 from ._policy import ExponentialBackoff as ExponentialBackoff
 from ._policy import RetryPolicy as RetryPolicy
@@ -100,6 +101,7 @@ __all__ = (
     "Status",
     "Validates",
     "ValidationError",
+    "Validator",
     "WorkflowPipeline",
     "run",
     "stage",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
 
@@ -9,6 +10,7 @@ import structlog
 from opentelemetry import trace
 
 from ._errors import ContextConflictError
+from ._events import Event
 
 if TYPE_CHECKING:
     from ._request import PipelineRequest
@@ -17,6 +19,7 @@ __all__ = ["Key", "StageContext"]
 
 T = TypeVar("T")
 D = TypeVar("D")
+E = TypeVar("E", bound=Event)
 
 _MISSING: Any = object()
 
@@ -102,6 +105,8 @@ class _RunView:
     store: _Store
     outputs_view: Mapping[str, Any]
     dry_run: bool
+    variables: Mapping[str, Any]
+    emitter: Any  # the run's event emitter, or None when nobody listens
 
 
 def _key_name(key: Key[Any] | str) -> str:
@@ -178,6 +183,39 @@ class StageContext:
     def outputs(self) -> Mapping[str, Any]:
         """Outputs of the stages that have finished so far, by stage name (read-only)."""
         return self._run.outputs_view
+
+    @property
+    def variables(self) -> Mapping[str, Any]:
+        """The pipeline's variables (`Pipeline.with_variables`), read-only."""
+        return self._run.variables
+
+    async def emit(self, event_type: type[E], /, **fields: Any) -> None:
+        """Send an event of ``event_type`` to this run's subscribers and hooks.
+
+        ``request_id``, ``pipeline``, ``timestamp``, ``stage`` and ``attempt``
+        are filled in; ``fields`` gives the rest. It costs nothing when nobody
+        listens. `pipekit.ci` streams command output this way
+        (`pipekit.ci.OutputLine`).
+
+        Raises:
+            TypeError: If ``event_type`` is not a `pipekit.Event` subclass.
+        """
+        if not (isinstance(event_type, type) and issubclass(event_type, Event)):
+            raise TypeError(f"ctx.emit() takes a pipekit.Event subclass, got {event_type!r}")
+        emitter = self._run.emitter
+        if emitter is None:
+            return
+        run = self._run
+        await emitter.emit(
+            event_type(
+                request_id=run.request.id,
+                pipeline=run.pipeline_name,
+                timestamp=time.time(),
+                stage=self._stage,
+                attempt=self._attempt,
+                **fields,
+            )
+        )
 
     @property
     def stage(self) -> str:

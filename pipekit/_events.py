@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import attrs
 
@@ -54,10 +54,15 @@ class Event:
 
 @attrs.frozen(kw_only=True)
 class PipelineStarted(Event):
-    """A run started. ``request_type`` is the request's ``type``."""
+    """A run started. ``request_type`` is the request's ``type``.
+
+    ``parent`` names the pipeline this one is nested in (None for the run a
+    caller started).
+    """
 
     kind: ClassVar[str] = "pipeline_started"
     request_type: str = ""
+    parent: str | None = None
 
 
 @attrs.frozen(kw_only=True)
@@ -77,10 +82,11 @@ class StageRetrying(Event):
 
 @attrs.frozen(kw_only=True)
 class StageSucceeded(Event):
-    """A stage succeeded on attempt ``attempt`` after ``duration`` seconds."""
+    """A stage succeeded on attempt ``attempt`` after ``duration`` seconds, returning ``output``."""
 
     kind: ClassVar[str] = "stage_succeeded"
     duration: float = 0.0
+    output: Any = attrs.field(default=None, repr=False)
 
 
 @attrs.frozen(kw_only=True)
@@ -142,8 +148,13 @@ class RollbackFinished(Event):
 
 @attrs.frozen(kw_only=True)
 class PipelineFinished(Event):
-    """A run finished with ``status`` after ``duration`` seconds (rollback included)."""
+    """A run finished with ``status`` after ``duration`` seconds (rollback included).
+
+    ``parent`` names the pipeline this one is nested in (None for the run a
+    caller started).
+    """
 
     kind: ClassVar[str] = "pipeline_finished"
     status: Status = Status.SUCCEEDED
     duration: float = 0.0
+    parent: str | None = None

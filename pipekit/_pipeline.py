@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import math
+import types
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Self, overload
+from typing import TYPE_CHECKING, Any, Protocol, Self, overload, runtime_checkable
 
 import attrs
 
@@ -21,10 +22,26 @@ if TYPE_CHECKING:
 
     from ._stage import Stage
 
-__all__ = ["AtomicPipeline", "Hook", "Pipeline", "WorkflowPipeline"]
+__all__ = ["AtomicPipeline", "Hook", "Pipeline", "Validator", "WorkflowPipeline"]
 
 #: An async callable receiving every event of a run.
 Hook = Callable[[Event], Awaitable[Any]]
+
+
+@runtime_checkable
+class Validator(Protocol):
+    """A pre-flight check attached with [`Pipeline.with_validators`][pipekit.Pipeline.with_validators].
+
+    Every validator of a pipeline (nested pipelines' included) runs before any
+    stage starts, and in dry runs. ``validate`` raises
+    [`ValidationError`][pipekit.ValidationError] (with ``errors=[...]`` to
+    report several problems at once); the run then fails with every problem
+    listed and no stage executes.
+    """
+
+    async def validate(self, ctx: StageContext) -> None:
+        """Raise `ValidationError` naming each problem found."""
+        ...
 
 
 def _check_seconds(what: str, value: float | None) -> float | None:
@@ -78,6 +95,26 @@ def _check_hooks(_inst: object, _attribute: attrs.Attribute[Any], value: tuple[o
 
 
 def _to_entries(value: Iterable[Entry]) -> tuple[Entry, ...]:
+    return tuple(value)
+
+
+def _to_variables(value: Mapping[str, Any]) -> Mapping[str, Any]:
+    return types.MappingProxyType(dict(value))
+
+
+def _check_variables(_inst: object, _attribute: attrs.Attribute[Any], value: Mapping[str, Any]) -> None:
+    for k in value:
+        if not isinstance(k, str) or not k.isidentifier():
+            raise PipelineDefinitionError(f"variable names must be identifiers (letters, digits, _), got {k!r}")
+
+
+def _check_validators(_inst: object, _attribute: attrs.Attribute[Any], value: tuple[object, ...]) -> None:
+    for v in value:
+        if not isinstance(v, Validator) or isinstance(v, type):
+            raise PipelineDefinitionError(f"validators need an async validate(ctx) method, got {v!r}")
+
+
+def _to_validators(value: Iterable[Validator]) -> tuple[Validator, ...]:
     return tuple(value)
 
 
@@ -140,6 +177,12 @@ class Pipeline:
     rollback_enabled: bool = attrs.field(default=True, kw_only=True, converter=bool)
     rollback_timeout: float = attrs.field(default=60.0, kw_only=True, validator=_seconds_field)
     hooks: tuple[Hook, ...] = attrs.field(default=(), kw_only=True, converter=_to_hooks, validator=_check_hooks)
+    variables: Mapping[str, Any] = attrs.field(
+        factory=dict, kw_only=True, converter=_to_variables, validator=_check_variables
+    )
+    validators: tuple[Validator, ...] = attrs.field(
+        default=(), kw_only=True, converter=_to_validators, validator=_check_validators
+    )
     _plan: Plan | None = attrs.field(default=None, init=False, repr=False)
 
     def __attrs_post_init__(self) -> None:
@@ -191,6 +234,15 @@ class Pipeline:
         limit: int | None = None,
     ) -> Entry:
         stage = _check_stage(stage)
+        if not isinstance(stage, Pipeline):
+            # Stages may carry their own policies (pipekit.ci.CommandStage does);
+            # the builder's arguments win over them.
+            if retry is None and isinstance(own_retry := getattr(stage, "retry", None), RetryPolicy):
+                retry = own_retry
+            if timeout is None:
+                own_timeout = getattr(stage, "timeout", None)
+                if isinstance(own_timeout, int | float) and not isinstance(own_timeout, bool):
+                    timeout = own_timeout
         if retry is not None and not isinstance(retry, RetryPolicy):
             raise PipelineDefinitionError(f"stage {stage.name!r}: retry must be a pipekit.RetryPolicy, got {retry!r}")
         if when is not None and not callable(when):
@@ -219,8 +271,12 @@ class Pipeline:
 
         Args:
             stage: The stage (any [`Stage`][pipekit.Stage], a pipeline included).
-            retry: Its retry policy; defaults to the pipeline's (`with_retry`).
-            timeout: Seconds each attempt may take.
+            retry: Its retry policy; defaults to the stage's own ``retry``
+                attribute if it is a `RetryPolicy`, then to the pipeline's
+                (`with_retry`).
+            timeout: Seconds each attempt may take; defaults to the stage's
+                own ``timeout`` attribute if it is a number, then to the
+                pipeline's stage timeout.
             depends_on: Names of the stages it waits for; None means the entry
                 added just before, ``()`` makes it a root.
             continue_on_error: Record a failure and go on instead of stopping
@@ -386,6 +442,31 @@ class Pipeline:
             if not callable(h):
                 raise PipelineDefinitionError(f"hooks must be async callables, got {h!r}")
         return attrs.evolve(self, hooks=(*self.hooks, *hooks))
+
+    def with_variables(self, variables: Mapping[str, Any] | None = None, /, **more: Any) -> Self:
+        """Return a new pipeline with these variables added (later values win).
+
+        Stages read them as ``ctx.variables``; `pipekit.ci` expands
+        ``${NAME}`` in commands from them and the request input. A nested
+        pipeline sees the outer pipeline's variables, its own taking
+        precedence.
+
+        Raises:
+            PipelineDefinitionError: For a name that is not an identifier.
+        """
+        return attrs.evolve(self, variables={**self.variables, **(variables or {}), **more})
+
+    def with_validators(self, *validators: Validator) -> Self:
+        """Return a new pipeline with these pre-flight [`Validator`][pipekit.Validator]s added.
+
+        They all run before any stage (and in dry runs). Their problems are
+        aggregated into one [`ValidationError`][pipekit.ValidationError]
+        listing each, and nothing executes when any fails.
+
+        Raises:
+            PipelineDefinitionError: For an object without an async ``validate(ctx)``.
+        """
+        return attrs.evolve(self, validators=self.validators + validators)
 
     # -- the graph --------------------------------------------------------
 

@@ -63,7 +63,7 @@ if TYPE_CHECKING:
     from opentelemetry.metrics import MeterProvider
     from opentelemetry.trace import TracerProvider
 
-    from ._pipeline import Hook, Pipeline
+    from ._pipeline import Hook, Pipeline, Validator
 
 __all__ = ["Emitter", "collect_validation_errors", "execute_pipeline", "run_nested"]
 
@@ -236,6 +236,7 @@ class _Run(_RunView):
         "tg",
         "tracing",
         "undos",
+        "variables",
         "waiting",
         "wall0",
         "workers",
@@ -257,7 +258,7 @@ class _Run(_RunView):
         self.nodes = plan.nodes
         self.request = request
         self.dry_run = request.options.dry_run
-        self.emitter = emitter
+        self.emitter: Emitter | None = emitter
         n = len(plan.nodes)
         self.status: list[Status] = [_PENDING] * n
         self.output: list[Any] = [None] * n
@@ -275,7 +276,13 @@ class _Run(_RunView):
         if parent is None:
             self.outputs_view: Mapping[str, Any] = types.MappingProxyType(self.outputs)
             self.store = _Store(plan.concurrent)
+            self.variables: Mapping[str, Any] = pipeline.variables
         else:
+            self.variables = (
+                types.MappingProxyType(ChainMap(pipeline.variables, parent.variables))  # type: ignore[arg-type]
+                if pipeline.variables
+                else parent.variables
+            )
             self.outputs_view = types.MappingProxyType(ChainMap(self.outputs, parent.outputs_view))  # type: ignore[arg-type]
             self.store = _Store(plan.concurrent, parent.store)
         self.children: dict[int, _Run] = {}
@@ -419,10 +426,14 @@ class _Run(_RunView):
                                 pipeline=self.pipeline_name,
                                 timestamp=self.wall0,
                                 request_type=request.type,
+                                parent=None if self.parent_run is None else self.parent_run.pipeline_name,
                             )
                         )
                     if self.dry_run:
                         self.response = await self._finish_dry_run()
+                        return self.response
+                    if self.parent_run is None and (problems := await self._preflight()):
+                        self.response = await self._refuse(problems)
                         return self.response
                     if pipeline.serialised:
                         candidate = _atomic_lock(pipeline)
@@ -672,6 +683,7 @@ class _Run(_RunView):
                     stage=node.name,
                     attempt=self.attempts[i],
                     duration=t1 - t0,
+                    output=out,
                 )
             )
 
@@ -1139,6 +1151,7 @@ class _Run(_RunView):
                     error=error,
                     status=status,
                     duration=duration,
+                    parent=None if self.parent_run is None else self.parent_run.pipeline_name,
                 )
             )
         keep = error is None or self.pipeline.keeps_partial_outputs
@@ -1160,8 +1173,40 @@ class _Run(_RunView):
 
     # -- dry run ------------------------------------------------------------
 
+    async def _preflight(self) -> list[ValidationError]:
+        """Run the validators of this pipeline and of every pipeline nested in it."""
+        found: list[ValidationError] = []
+        ctx = StageContext(self, self.pipeline_name)
+        for validator in _all_validators(self.pipeline, set()):
+            try:
+                await validator.validate(ctx)
+            except ValidationError as exc:
+                found.extend(exc.errors or [exc])
+            except Exception as exc:
+                wrapped = ValidationError(f"validator {validator!r} raised {type(exc).__name__}: {exc}")
+                wrapped.__cause__ = exc
+                found.append(wrapped)
+        return found
+
+    async def _refuse(self, problems: list[ValidationError]) -> PipelineResponse:
+        """End a run whose pre-flight validation failed: nothing executes."""
+        for i in range(len(self.nodes)):
+            self.status[i] = _SKIPPED
+            self.reason[i] = "pre-flight validation failed"
+        self.stop = "failed"
+        plural = "problem" if len(problems) == 1 else "problems"
+        return await self._respond(
+            ValidationError(
+                f"pre-flight validation of pipeline {self.pipeline_name!r} found {len(problems)} {plural}: "
+                + "; ".join(str(e) for e in problems),
+                errors=problems,
+            )
+        )
+
     async def _finish_dry_run(self) -> PipelineResponse:
         errors: list[ValidationError] = list(self.definition_errors)
+        if self.parent_run is None:
+            errors.extend(await self._preflight())
         for i in self.plan.order:
             node = self.nodes[i]
             found = _validate_node(self, node)
@@ -1186,6 +1231,20 @@ class _Run(_RunView):
             )
             self.stop = "failed"
         return await self._respond(error)
+
+
+def _all_validators(pipeline: Pipeline, seen: set[int]) -> list[Validator]:
+    """``pipeline``'s validators, then those of the pipelines nested in it (each pipeline once)."""
+    from ._pipeline import Pipeline  # noqa: PLC0415 - avoids an import cycle
+
+    if id(pipeline) in seen:
+        return []
+    seen.add(id(pipeline))
+    found = list(pipeline.validators)
+    for entry in pipeline.entries:
+        if isinstance(entry.stage, Pipeline):
+            found.extend(_all_validators(entry.stage, seen))
+    return found
 
 
 def _root_name(run: _Run) -> str:
