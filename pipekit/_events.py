@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import attrs
@@ -54,7 +55,7 @@ class Event:
 
 @attrs.frozen(kw_only=True)
 class PipelineStarted(Event):
-    """A run started. ``request_type`` is the request's ``type``.
+    """A run started. ``request_type`` is the request's ``type``, ``input`` its input.
 
     ``parent`` names the pipeline this one is nested in (None for the run a
     caller started).
@@ -63,6 +64,7 @@ class PipelineStarted(Event):
     kind: ClassVar[str] = "pipeline_started"
     request_type: str = ""
     parent: str | None = None
+    input: Mapping[str, Any] = attrs.field(factory=dict, repr=False)
 
 
 @attrs.frozen(kw_only=True)

@@ -427,6 +427,7 @@ class _Run(_RunView):
                                 timestamp=self.wall0,
                                 request_type=request.type,
                                 parent=None if self.parent_run is None else self.parent_run.pipeline_name,
+                                input=request.input,
                             )
                         )
                     if self.dry_run:
