@@ -1099,6 +1099,13 @@ class _Run(_RunView):
                 message = f"stage {self.nodes[i].name!r} failed before it started"
             elif isinstance(cause, ValidationError):
                 message = f"stage {self.nodes[i].name!r} failed validation: {cause}"
+            elif cause is not None:
+                # Say why in the run's error, not only in its __cause__.
+                n = self.attempts[i]
+                message = (
+                    f"stage {self.nodes[i].name!r} failed after {n} attempt{'' if n == 1 else 's'}: "
+                    f"{type(cause).__name__}: {_first_line(cause)}"
+                )
             error = StageFailedError(self.nodes[i].name, attempts=self.attempts[i], message=message)
             error.__cause__ = cause
             return error
@@ -1177,10 +1184,10 @@ class _Run(_RunView):
     async def _preflight(self) -> list[ValidationError]:
         """Run the validators of this pipeline and of every pipeline nested in it."""
         found: list[ValidationError] = []
-        ctx = StageContext(self, self.pipeline_name)
-        for validator in _all_validators(self.pipeline, set()):
+        for view, validator in _all_validators(self, set()):
+            # A nested pipeline's validators see that pipeline (its name, its variables over the outer ones).
             try:
-                await validator.validate(ctx)
+                await validator.validate(StageContext(view, view.pipeline_name))
             except ValidationError as exc:
                 found.extend(exc.errors or [exc])
             except Exception as exc:
@@ -1234,18 +1241,38 @@ class _Run(_RunView):
         return await self._respond(error)
 
 
-def _all_validators(pipeline: Pipeline, seen: set[int]) -> list[Validator]:
-    """``pipeline``'s validators, then those of the pipelines nested in it (each pipeline once)."""
+def _all_validators(run: _Run, seen: set[int]) -> list[tuple[_Run, Validator]]:
+    """The validators of ``run``'s pipeline, then those of the pipelines nested in it (each pipeline once).
+
+    Each comes with the run (a view, for a nested pipeline) its context is made from.
+    """
     from ._pipeline import Pipeline  # noqa: PLC0415 - avoids an import cycle
 
-    if id(pipeline) in seen:
-        return []
+    pipeline = run.pipeline
     seen.add(id(pipeline))
-    found = list(pipeline.validators)
+    found = [(run, v) for v in pipeline.validators]
     for entry in pipeline.entries:
-        if isinstance(entry.stage, Pipeline):
-            found.extend(_all_validators(entry.stage, seen))
+        nested = entry.stage
+        if isinstance(nested, Pipeline) and id(nested) not in seen and _has_validators(nested):
+            view = _Run(nested, nested.plan(), run.request, _child_emitter(run, nested), parent=run)
+            found.extend(_all_validators(view, seen))
     return found
+
+
+def _has_validators(pipeline: Pipeline) -> bool:
+    """Whether ``pipeline`` or a pipeline nested in it has validators."""
+    from ._pipeline import Pipeline  # noqa: PLC0415 - avoids an import cycle
+
+    return bool(pipeline.validators) or any(
+        isinstance(e.stage, Pipeline) and _has_validators(e.stage) for e in pipeline.entries
+    )
+
+
+def _first_line(exc: BaseException) -> str:
+    """``str(exc)``'s first line, shortened: error messages of stages can be long."""
+    text = str(exc).strip().splitlines()
+    line = text[0] if text else ""
+    return line if len(line) <= 300 else line[:297] + "..."
 
 
 def _root_name(run: _Run) -> str:
