@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "pipekit needs Python >= 3.11; set PYTHON=python3.11")'
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[otlp,dev,docs]'
+	$(BIN)/python -m pip install --quiet -e '.[otlp,ci,cli,dev,docs]'
 	@touch $(STAMP)
 
 ## demo: run the example pipeline (parallel stages, a retried stage, a failure with rollback)

@@ -1,0 +1,154 @@
+"""Running one command: streamed output, bounded tails, and no process left behind.
+
+Each command starts in a new session, so it leads its own process group.
+When it is interrupted (a timeout, a cancellation) the whole group gets
+SIGTERM, then SIGKILL after a grace period, from shielded clean-up. When it
+exits on its own, processes it left running in its group are ended the same
+way, so no grandchild outlives its stage (CI runners do the same).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+from collections import deque
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Literal
+
+import anyio
+import anyio.abc
+
+__all__ = ["Tail", "run_process"]
+
+Stream = Literal["stdout", "stderr"]
+
+#: Lines longer than this arrive in pieces (a line never grows without bound).
+MAX_LINE = 64 * 1024
+_READ = 65536
+
+
+class Tail:
+    """The last ``limit`` bytes of one stream's lines (whole lines, oldest dropped first)."""
+
+    __slots__ = ("_lines", "_size", "limit", "truncated")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._lines: deque[str] = deque()
+        self._size = 0
+        self.truncated = False
+
+    def add(self, line: str) -> None:
+        """Keep ``line``; drop the oldest lines beyond the limit."""
+        size = len(line) + 1
+        self._lines.append(line)
+        self._size += size
+        while self._size > self.limit and self._lines:
+            self._size -= len(self._lines.popleft()) + 1
+            self.truncated = True
+
+    def text(self) -> str:
+        """The lines kept, newline-terminated."""
+        return "".join(f"{line}\n" for line in self._lines)
+
+
+async def _pump(
+    stream: anyio.abc.ByteReceiveStream,
+    name: Stream,
+    on_line: Callable[[Stream, str], Awaitable[None]],
+) -> None:
+    """Read ``stream`` to its end, calling ``on_line`` for each line as it arrives."""
+    pending = b""
+    while True:
+        try:
+            chunk = await stream.receive(_READ)
+        except (anyio.EndOfStream, anyio.ClosedResourceError, anyio.BrokenResourceError):
+            break
+        pending += chunk
+        *lines, pending = pending.split(b"\n")
+        for raw in lines:
+            await on_line(name, raw.rstrip(b"\r").decode("utf-8", "replace"))
+        while len(pending) > MAX_LINE:
+            piece, pending = pending[:MAX_LINE], pending[MAX_LINE:]
+            await on_line(name, piece.decode("utf-8", "replace"))
+    if pending:
+        await on_line(name, pending.rstrip(b"\r").decode("utf-8", "replace"))
+
+
+def _signal_group(pgid: int, sig: int) -> bool:
+    """Send ``sig`` to the process group; False when the group is gone."""
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # pragma: no cover - a member changed its user id
+        return True
+    return True
+
+
+def _group_alive(pgid: int) -> bool:
+    return _signal_group(pgid, 0)
+
+
+async def _end_group(process: anyio.abc.Process, pgid: int, grace: float) -> None:
+    """SIGTERM the whole group, SIGKILL what is left after ``grace`` seconds; reap the command.
+
+    Runs shielded, bounded by ``grace`` plus a few seconds.
+    """
+    with anyio.CancelScope(shield=True):
+        if _signal_group(pgid, signal.SIGTERM):
+            with anyio.move_on_after(grace):
+                await process.wait()
+                while _group_alive(pgid):  # noqa: ASYNC110 - nothing signals a process group's end
+                    await anyio.sleep(0.02)
+            _signal_group(pgid, signal.SIGKILL)
+        with anyio.move_on_after(5):
+            await process.wait()
+
+
+async def run_process(
+    command: str | Sequence[str],
+    *,
+    cwd: str | os.PathLike[str] | None,
+    env: Mapping[str, str],
+    on_line: Callable[[Stream, str], Awaitable[None]],
+    kill_grace: float,
+) -> int:
+    """Run ``command`` to its end, streaming its output; return its exit status.
+
+    A string runs through ``/bin/sh -c``; a sequence is executed directly.
+    A negative status means the command was killed by that signal.
+
+    Raises:
+        FileNotFoundError: The executable or ``cwd`` does not exist.
+        PermissionError: The executable is not executable.
+    """
+    process = await anyio.open_process(
+        command,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=cwd,
+        env=dict(env),
+        start_new_session=True,
+    )
+    pgid = process.pid  # start_new_session: the command leads its own group
+    try:
+        async with anyio.create_task_group() as tg:
+            assert process.stdout is not None
+            assert process.stderr is not None
+            tg.start_soon(_pump, process.stdout, "stdout", on_line)
+            tg.start_soon(_pump, process.stderr, "stderr", on_line)
+            returncode = await process.wait()
+            # Whatever the command left running in its group still holds
+            # the pipes (the readers would never see their end): end it.
+            if _group_alive(pgid):
+                await _end_group(process, pgid, kill_grace)
+    except BaseException:
+        await _end_group(process, pgid, kill_grace)
+        raise
+    finally:
+        with anyio.CancelScope(shield=True):
+            await process.aclose()
+    return returncode
