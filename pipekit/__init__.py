@@ -36,6 +36,9 @@ from ._events import StageSkipped as StageSkipped
 from ._events import StageStarted as StageStarted
 from ._events import StageSucceeded as StageSucceeded
 from ._exports import fixup_module_metadata as _fixup
+from ._history import RecordedRun as RecordedRun
+from ._history import RecordedStage as RecordedStage
+from ._history import RunStore as RunStore
 from ._pipeline import AtomicPipeline as AtomicPipeline
 from ._pipeline import Hook as Hook
 from ._pipeline import Pipeline as Pipeline
@@ -78,6 +81,8 @@ __all__ = (
     "PipelineResponse",
     "PipelineStarted",
     "PipelineTimeoutError",
+    "RecordedRun",
+    "RecordedStage",
     "RequestOptions",
     "RetryPolicy",
     "RollbackError",
@@ -85,6 +90,7 @@ __all__ = (
     "RollbackStarted",
     "RollbackTimeoutError",
     "RollsBack",
+    "RunStore",
     "Stage",
     "StageCancelled",
     "StageContext",

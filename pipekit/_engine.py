@@ -14,15 +14,19 @@ import attrs
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from opentelemetry import context as otel_context
 
+from ._errors import PipekitError
 from ._events import DEFAULT_HOOK_TIMEOUT
 from ._events_log import EventLog, EventStream
+from ._history import RunStore
 from ._instrument import ATTR_PIPELINE, get_instruments
 from ._pipeline import make_request
-from ._request import PipelineRequest, PipelineResponse
+from ._request import PipelineRequest, PipelineResponse, RequestOptions
 from ._run import _Run, execute_pipeline
 from ._status import Status
 
 if TYPE_CHECKING:
+    from contextlib import AbstractAsyncContextManager
+
     from opentelemetry.metrics import MeterProvider
     from opentelemetry.trace import TracerProvider
 
@@ -204,6 +208,8 @@ class Engine:
             counts as failed and is not called again during that run.
         tracer_provider: Where runs' spans go (the global provider by default).
         meter_provider: Where runs' metrics go (the global provider by default).
+        store: A run history (`pipekit.store.SqliteStore`, say): every
+            execution is recorded into it, and `retry` re-runs recorded ones.
     """
 
     def __init__(
@@ -219,7 +225,13 @@ class Engine:
         hook_timeout: float = DEFAULT_HOOK_TIMEOUT,
         tracer_provider: TracerProvider | None = None,
         meter_provider: MeterProvider | None = None,
+        store: RunStore | None = None,
     ) -> None:
+        if store is not None and not isinstance(store, RunStore):
+            raise TypeError(f"Engine store must be a run store (pipekit.store.SqliteStore, say), got {store!r}")
+        self._store = store
+        self._recorder: AbstractAsyncContextManager[Hook] | None = None
+        self._known: dict[str, Pipeline] = {}
         for label, value in (
             ("max_concurrent", max_concurrent),
             ("history_size", history_size),
@@ -259,6 +271,10 @@ class Engine:
     async def __aenter__(self) -> Self:
         if self._tg is not None or self._closed:
             raise RuntimeError("an Engine can be entered only once")
+        if self._store is not None:
+            recorder = self._store.recorder()
+            self._hooks = (*self._hooks, await recorder.__aenter__())
+            self._recorder = recorder
         send, receive = anyio.create_memory_object_stream[ExecutionHandle](self._mailbox_size)
         self._send = send
         self._slots = anyio.Semaphore(self._max_concurrent)
@@ -282,6 +298,9 @@ class Engine:
             return await self._tg.__aexit__(exc_type, exc, tb)
         finally:
             self._events.close()
+            if self._recorder is not None:
+                # Every execution has ended: what the recorder holds is written now.
+                await self._recorder.__aexit__(None, None, None)
 
     async def _actor(self, receive: MemoryObjectReceiveStream[ExecutionHandle]) -> None:
         assert self._tg is not None
@@ -397,6 +416,7 @@ class Engine:
             raise RuntimeError(f"an execution with request id {request.id!r} already exists")
         handle = ExecutionHandle(self, pipeline, request, self._execution_history)
         self._handles[request.id] = handle
+        self._known[pipeline.name] = pipeline
         queued = self._instruments.executions_queued
         attributes = self._tally(pipeline.name).attributes
         queued.add(1, attributes)
@@ -418,6 +438,63 @@ class Engine:
         """Submit an execution and wait for its response (see `submit`)."""
         handle = await self.submit(pipeline, request, input=input)
         return await handle.wait()
+
+    async def retry(
+        self,
+        run_id: str,
+        *,
+        from_failed: bool = False,
+        pipeline: Pipeline | None = None,
+    ) -> ExecutionHandle:
+        """Run a recorded execution again, with the same input; returns the new execution's handle.
+
+        With ``from_failed``, stages that succeeded in that run (and were not
+        rolled back) are not run again: their recorded outputs are restored
+        (``RequestOptions(restore=...)``). Stages whose output could not be
+        recorded (not JSON-serialisable) run again. The new run is recorded
+        with ``retry_of`` pointing at the old one.
+
+        Args:
+            run_id: The recorded run's id (in the engine's ``store``).
+            from_failed: Skip what already succeeded.
+            pipeline: The pipeline to run; by default the one this engine
+                last ran under the recorded name.
+
+        Raises:
+            RuntimeError: If the engine has no store.
+            LookupError: If the store has no such run.
+            PipekitError: If no pipeline is given and the engine has not run
+                one of that name.
+        """
+        if self._store is None:
+            raise RuntimeError("Engine.retry() needs a run history: Engine(store=...)")
+        record = await self._store.get_run(run_id)
+        if pipeline is None:
+            pipeline = self._known.get(record.pipeline)
+            if pipeline is None:
+                raise PipekitError(
+                    f"this engine has not run a pipeline named {record.pipeline!r}; pass it: retry(..., pipeline=...)"
+                )
+        elif pipeline.name != record.pipeline:
+            raise PipekitError(f"run {record.id} is of pipeline {record.pipeline!r}, not {pipeline.name!r}")
+        restore: dict[str, Any] = {}
+        if from_failed:
+            names = set(pipeline.stage_names)
+            for stage in record.stages:
+                status = getattr(stage.status, "value", stage.status)
+                if (
+                    stage.stage in names
+                    and status == Status.SUCCEEDED.value
+                    and stage.rollback_status is None
+                    and stage.output_restorable
+                ):
+                    restore[stage.stage] = stage.output
+        request = PipelineRequest(
+            input=record.input,
+            options=RequestOptions(restore=restore),
+            metadata={"pipekit.trigger": "retry", "pipekit.retry_of": record.id},
+        )
+        return await self.submit(pipeline, request)
 
     # -- looking -----------------------------------------------------------------
 

@@ -55,7 +55,7 @@ class Event:
 
 @attrs.frozen(kw_only=True)
 class PipelineStarted(Event):
-    """A run started. ``request_type`` is the request's ``type``, ``input`` its input.
+    """A run started. ``request_type`` is the request's ``type``, ``input`` its input, ``metadata`` its metadata.
 
     ``parent`` names the pipeline this one is nested in (None for the run a
     caller started).
@@ -65,6 +65,7 @@ class PipelineStarted(Event):
     request_type: str = ""
     parent: str | None = None
     input: Mapping[str, Any] = attrs.field(factory=dict, repr=False)
+    metadata: Mapping[str, str] = attrs.field(factory=dict, repr=False)
 
 
 @attrs.frozen(kw_only=True)
@@ -84,11 +85,17 @@ class StageRetrying(Event):
 
 @attrs.frozen(kw_only=True)
 class StageSucceeded(Event):
-    """A stage succeeded on attempt ``attempt`` after ``duration`` seconds, returning ``output``."""
+    """A stage succeeded on attempt ``attempt`` after ``duration`` seconds, returning ``output``.
+
+    ``restored`` stages did not run: their output was recorded by an earlier
+    run (``RequestOptions(restore=...)``, ``Engine.retry(from_failed=True)``);
+    ``attempt`` is then 0.
+    """
 
     kind: ClassVar[str] = "stage_succeeded"
     duration: float = 0.0
     output: Any = attrs.field(default=None, repr=False)
+    restored: bool = False
 
 
 @attrs.frozen(kw_only=True)

@@ -52,10 +52,16 @@ class RequestOptions:
         timeout: Seconds the whole run may take; the tighter of this and the
             pipeline's own timeout wins.
         dry_run: Validate every stage without executing any.
+        restore: Outputs of stages an earlier run completed, by stage name:
+            those stages are not run again but count as succeeded with that
+            output (``attempt`` 0, reason ``"restored from an earlier run"``),
+            and are not rolled back by this run. Only top-level stages.
+            `Engine.retry` fills it in from the run history.
     """
 
     timeout: float | None = attrs.field(default=None, validator=_check_timeout)
     dry_run: bool = False
+    restore: Mapping[str, Any] = attrs.field(factory=dict, converter=_freeze_input, repr=False)
 
 
 @attrs.frozen(kw_only=True)
@@ -71,6 +77,9 @@ class PipelineRequest:
             of the caller, for runs started from another process; the run's
             span becomes a child of that trace. Empty: the current span is
             the parent.
+        metadata: Free-form string labels carried into `PipelineStarted`
+            (``pipekit.trigger``, ``pipekit.retry_of`` and
+            ``pipekit.definition`` are read by the run history).
     """
 
     id: str = attrs.field(factory=_new_id)
@@ -78,6 +87,7 @@ class PipelineRequest:
     input: Mapping[str, Any] = attrs.field(factory=dict, converter=_freeze_input)
     options: RequestOptions = attrs.field(factory=RequestOptions)
     carrier: Mapping[str, str] = attrs.field(factory=dict, converter=_freeze_carrier)
+    metadata: Mapping[str, str] = attrs.field(factory=dict, converter=_freeze_carrier)
 
 
 @attrs.frozen(kw_only=True)

@@ -218,6 +218,8 @@ class _Run(_RunView):
         "reason",
         "request",
         "response",
+        "restore",
+        "restored",
         "rollback_error",
         "rollback_index",
         "rolled_back",
@@ -312,6 +314,9 @@ class _Run(_RunView):
         self.parent_run = parent
         self.orphan_hook_failures = 0  # failing hooks of nested pipelines when this run has no emitter
         self.definition_errors: list[ValidationError] = []
+        # Outputs an earlier run recorded: those stages are not run again.
+        self.restore: Mapping[str, Any] = request.options.restore if parent is None else {}
+        self.restored: set[int] = set()
 
     # -- control ------------------------------------------------------------
 
@@ -428,6 +433,7 @@ class _Run(_RunView):
                                 request_type=request.type,
                                 parent=None if self.parent_run is None else self.parent_run.pipeline_name,
                                 input=request.input,
+                                metadata=request.metadata,
                             )
                         )
                     if self.dry_run:
@@ -569,6 +575,9 @@ class _Run(_RunView):
 
     async def _run_node(self, i: int) -> None:
         node = self.nodes[i]
+        if self.restore and node.name in self.restore:
+            await self._restore(i, node)
+            return
         if node.when is not None:
             try:
                 go = node.when(StageContext(self, node.name))
@@ -591,6 +600,30 @@ class _Run(_RunView):
                 await self._skip(i, "condition is false", blocked=False)
                 return
         await self._attempt(i, node)
+
+    async def _restore(self, i: int, node: Node) -> None:
+        """Count stage ``i`` as succeeded with the output an earlier run recorded."""
+        out = self.restore[node.name]
+        self.status[i] = _SUCCEEDED
+        self.output[i] = out
+        self.outputs[node.name] = out
+        self.restored.add(i)
+        self.started[i] = True
+        self.t0[i] = self.t1[i] = now = self.now()
+        self.reason[i] = "restored from an earlier run"
+        self.log.info("pipekit.stage.restored", stage=node.name)
+        if self.emitter is not None:
+            await self._emit(
+                ev.StageSucceeded(
+                    request_id=self.request.id,
+                    pipeline=self.pipeline_name,
+                    timestamp=self._now_wall(now),
+                    stage=node.name,
+                    attempt=0,
+                    output=out,
+                    restored=True,
+                )
+            )
 
     async def _attempt(self, i: int, node: Node) -> None:
         self.status[i] = _RUNNING
@@ -901,7 +934,11 @@ class _Run(_RunView):
     def _compensation_order(self) -> dict[int, list[int]]:
         """Completed, compensable nodes mapped to the ones to undo before each."""
         nodes = self.nodes
-        todo = {i for i in range(len(nodes)) if self.status[i] is _SUCCEEDED and nodes[i].compensable}
+        todo = {
+            i
+            for i in range(len(nodes))
+            if self.status[i] is _SUCCEEDED and nodes[i].compensable and i not in self.restored
+        }
         # reach[j]: the nearest compensable descendants of j (j itself when it
         # is one). Walking the topological order backwards, every dependent is
         # done before the node itself: no recursion, however long the chain.
