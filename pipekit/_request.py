@@ -40,6 +40,11 @@ def _freeze_carrier(value: Mapping[str, str] | None) -> Mapping[str, str]:
     return types.MappingProxyType({str(k): str(v) for k, v in value.items()})
 
 
+def _check_max_parallel(_inst: object, _attribute: attrs.Attribute[Any], value: int | None) -> None:
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+        raise ValueError(f"max_parallel must be an integer >= 1, got {value!r}")
+
+
 def _new_id() -> str:
     return str(uuid.uuid4())
 
@@ -57,11 +62,15 @@ class RequestOptions:
             output (``attempt`` 0, reason ``"restored from an earlier run"``),
             and are not rolled back by this run. Only top-level stages.
             `Engine.retry` fills it in from the run history.
+        max_parallel: At most this many stages run at once in the whole run
+            (nested pipelines' stages included; a stage keeps its slot
+            through its retries). None: no limit beyond the pipeline's own.
     """
 
     timeout: float | None = attrs.field(default=None, validator=_check_timeout)
     dry_run: bool = False
     restore: Mapping[str, Any] = attrs.field(factory=dict, converter=_freeze_input, repr=False)
+    max_parallel: int | None = attrs.field(default=None, validator=_check_max_parallel)
 
 
 @attrs.frozen(kw_only=True)

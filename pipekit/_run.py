@@ -202,6 +202,7 @@ class _Run(_RunView):
         "emitter",
         "error",
         "failure",
+        "limiter",
         "log",
         "mono0",
         "nodes",
@@ -317,6 +318,15 @@ class _Run(_RunView):
         # Outputs an earlier run recorded: those stages are not run again.
         self.restore: Mapping[str, Any] = request.options.restore if parent is None else {}
         self.restored: set[int] = set()
+        # One limiter for the whole run tree: RequestOptions(max_parallel=...).
+        max_parallel = request.options.max_parallel
+        self.limiter: anyio.CapacityLimiter | None = (
+            parent.limiter
+            if parent is not None
+            else None
+            if max_parallel is None
+            else anyio.CapacityLimiter(max_parallel)
+        )
 
     # -- control ------------------------------------------------------------
 
@@ -599,6 +609,11 @@ class _Run(_RunView):
             if not go:
                 await self._skip(i, "condition is false", blocked=False)
                 return
+        if self.limiter is not None and node.nested is None:
+            # Nested pipelines take no slot: their stages do (no deadlock at 1).
+            async with self.limiter:
+                await self._attempt(i, node)
+            return
         await self._attempt(i, node)
 
     async def _restore(self, i: int, node: Node) -> None:
