@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 import types
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
@@ -110,7 +111,7 @@ def _check_variables(_inst: object, _attribute: attrs.Attribute[Any], value: Map
 
 def _check_validators(_inst: object, _attribute: attrs.Attribute[Any], value: tuple[object, ...]) -> None:
     for v in value:
-        if not isinstance(v, Validator) or isinstance(v, type):
+        if not isinstance(v, Validator) or isinstance(v, type) or not inspect.iscoroutinefunction(v.validate):
             raise PipelineDefinitionError(f"validators need an async validate(ctx) method, got {v!r}")
 
 

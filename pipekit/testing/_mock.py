@@ -251,6 +251,8 @@ class TestPipeline(Pipeline):
             rollback_enabled=pipeline.rollback_enabled,
             rollback_timeout=pipeline.rollback_timeout,
             hooks=pipeline.hooks,
+            variables=pipeline.variables,
+            validators=pipeline.validators,
             atomic=pipeline.serialised,
             partial_outputs=pipeline.keeps_partial_outputs,
         )
