@@ -13,16 +13,44 @@ from ._errors import CommandError as CommandError
 from ._errors import CommandFailedError as CommandFailedError
 from ._errors import CommandNotFoundError as CommandNotFoundError
 from ._events import OutputLine as OutputLine
+from ._languages import CargoBuildStage as CargoBuildStage
+from ._languages import CargoTestStage as CargoTestStage
+from ._languages import CommandOptions as CommandOptions
+from ._languages import DockerBuildStage as DockerBuildStage
+from ._languages import GoBuildStage as GoBuildStage
+from ._languages import GoModDownloadStage as GoModDownloadStage
+from ._languages import GoTestStage as GoTestStage
+from ._languages import NpmBuildStage as NpmBuildStage
+from ._languages import NpmInstallStage as NpmInstallStage
+from ._languages import PipInstallStage as PipInstallStage
+from ._languages import PytestStage as PytestStage
 from ._template import Secret as Secret
+from ._validators import EnvVarValidator as EnvVarValidator
+from ._validators import Tool as Tool
+from ._validators import ToolValidator as ToolValidator
 
 __all__ = (
+    "CargoBuildStage",
+    "CargoTestStage",
     "CommandError",
     "CommandFailedError",
     "CommandNotFoundError",
+    "CommandOptions",
     "CommandResult",
     "CommandStage",
+    "DockerBuildStage",
+    "EnvVarValidator",
+    "GoBuildStage",
+    "GoModDownloadStage",
+    "GoTestStage",
+    "NpmBuildStage",
+    "NpmInstallStage",
     "OutputLine",
+    "PipInstallStage",
+    "PytestStage",
     "Secret",
+    "Tool",
+    "ToolValidator",
 )
 
 _fixup(__name__, globals(), __all__)

@@ -222,17 +222,41 @@ class CommandStage(BaseStage):
                 for n in references(text)
                 if n and n not in known and n.isidentifier()
             )
-        if ctx.dry_run and not problems:
-            env = self._environment(known, [])
-            cwd = self._cwd(known, [])
-            for what, command in (("command", self.command), ("rollback_command", self.rollback_command)):
-                if isinstance(command, tuple):
-                    executable = expand(command[0], known)[0]
-                    if _which(executable, env, cwd) is None:
-                        problems.append(f"{what}: {_not_found(executable)}")
+        if ctx.dry_run:
+            problems.extend(self._missing_executables(known))
         if problems:
             errors = [ValidationError(f"stage {self.name!r}: {p}", stage=self.name) for p in problems]
             raise ValidationError("; ".join(map(str, errors)), stage=self.name, errors=errors)
+
+    def _missing_executables(self, known: Mapping[str, Any]) -> list[str]:
+        """The executables that cannot be found, checked as far as unknown references allow.
+
+        An unknown reference is reported on its own; it only hides the checks
+        it makes impossible (an unknown executable name, ``PATH`` or ``cwd``),
+        so a dry run lists every missing tool along with every unknown name.
+        """
+        env = dict(os.environ) if self.inherit_env else {}
+        for key, value in self.env.items():
+            try:
+                env[key] = value.reveal() if isinstance(value, Secret) else expand(value, known)[0]
+            except KeyError:
+                env.pop(key, None)
+                if key == "PATH":
+                    return []
+        try:
+            cwd = self._cwd(known, [])
+        except KeyError:
+            return []
+        missing: list[str] = []
+        for what, command in (("command", self.command), ("rollback_command", self.rollback_command)):
+            if isinstance(command, tuple):
+                try:
+                    executable = expand(command[0], known)[0]
+                except KeyError:
+                    continue
+                if _which(executable, env, cwd) is None:
+                    missing.append(f"{what}: {_not_found(executable)}")
+        return missing
 
     def _environment(self, values: Mapping[str, Any], secrets: list[str]) -> dict[str, str]:
         env = dict(os.environ) if self.inherit_env else {}
@@ -356,7 +380,7 @@ class CommandStage(BaseStage):
 
     def __repr__(self) -> str:
         command = self.command if isinstance(self.command, str) else shlex.join(self.command)
-        return f"<CommandStage {self.name!r}: {command!r}>"
+        return f"<{type(self).__name__} {self.name!r}: {command!r}>"
 
 
 def _is_dir(path: str) -> bool:
