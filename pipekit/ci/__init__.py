@@ -13,6 +13,14 @@ from ._errors import CommandError as CommandError
 from ._errors import CommandFailedError as CommandFailedError
 from ._errors import CommandNotFoundError as CommandNotFoundError
 from ._events import OutputLine as OutputLine
+from ._hooks import HookDeliveryError as HookDeliveryError
+from ._hooks import HookStatistics as HookStatistics
+from ._hooks import HttpHook as HttpHook
+from ._hooks import PrintHook as PrintHook
+from ._hooks import SlackHook as SlackHook
+from ._hooks import event_matches as event_matches
+from ._hooks import event_names as event_names
+from ._hooks import event_to_dict as event_to_dict
 from ._languages import CargoBuildStage as CargoBuildStage
 from ._languages import CargoTestStage as CargoTestStage
 from ._languages import CommandOptions as CommandOptions
@@ -43,14 +51,22 @@ __all__ = (
     "GoBuildStage",
     "GoModDownloadStage",
     "GoTestStage",
+    "HookDeliveryError",
+    "HookStatistics",
+    "HttpHook",
     "NpmBuildStage",
     "NpmInstallStage",
     "OutputLine",
     "PipInstallStage",
+    "PrintHook",
     "PytestStage",
     "Secret",
+    "SlackHook",
     "Tool",
     "ToolValidator",
+    "event_matches",
+    "event_names",
+    "event_to_dict",
 )
 
 _fixup(__name__, globals(), __all__)
