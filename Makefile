@@ -14,9 +14,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[otlp,ci,cli,dev,docs]'
 	@touch $(STAMP)
 
-## demo: run the example pipeline (parallel stages, a retried stage, a failure with rollback)
+## demo: run the example pipelines: examples/demo.py (parallel stages, a retried stage, a failure with
+## rollback), then the CI example (real commands linting, testing and building examples/ci/sample)
 demo: $(STAMP)
 	$(BIN)/python examples/demo.py
+	$(BIN)/python examples/ci/ci.py
 
 ## test: lint, type-check (mypy --strict), run the tests on asyncio and trio, build the docs, smoke-run the benchmarks
 test: lint typecheck unit docs bench-smoke
