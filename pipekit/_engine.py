@@ -464,7 +464,8 @@ class Engine:
             RuntimeError: If the engine has no store.
             LookupError: If the store has no such run.
             PipekitError: If no pipeline is given and the engine has not run
-                one of that name.
+                one of that name, if the given one has another name, or if
+                the run's input could not be recorded (not JSON-serialisable).
         """
         if self._store is None:
             raise RuntimeError("Engine.retry() needs a run history: Engine(store=...)")
@@ -477,6 +478,10 @@ class Engine:
                 )
         elif pipeline.name != record.pipeline:
             raise PipekitError(f"run {record.id} is of pipeline {record.pipeline!r}, not {pipeline.name!r}")
+        if not record.input_restorable:
+            raise PipekitError(
+                f"run {record.id} cannot be retried: its input was not JSON-serialisable, so not recorded"
+            )
         restore: dict[str, Any] = {}
         if from_failed:
             names = set(pipeline.stage_names)

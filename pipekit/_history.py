@@ -59,6 +59,11 @@ class RecordedRun(Protocol):
         ...
 
     @property
+    def input_restorable(self) -> bool:
+        """Whether ``input`` is the input itself (it was JSON-serialisable)."""
+        ...
+
+    @property
     def stages(self) -> Sequence[RecordedStage]:
         """Its stages."""
         ...
@@ -69,7 +74,13 @@ class RunStore(Protocol):
     """A run history an [`Engine`][pipekit.Engine] records into and retries from."""
 
     def recorder(self) -> AbstractAsyncContextManager[Hook]:
-        """A context whose value is a hook recording every run it is given the events of."""
+        """A context whose value is a hook recording every run it is given the events of.
+
+        An [`Engine`][pipekit.Engine] enters it on entering and leaves it once
+        every execution has ended, also when the engine's owner is cancelled:
+        leaving writes what it holds, and must shield (and bound) that final
+        write itself.
+        """
         ...
 
     async def get_run(self, run_id: str) -> RecordedRun:

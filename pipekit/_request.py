@@ -64,7 +64,9 @@ class RequestOptions:
             `Engine.retry` fills it in from the run history.
         max_parallel: At most this many stages run at once in the whole run
             (nested pipelines' stages included; a stage keeps its slot
-            through its retries). None: no limit beyond the pipeline's own.
+            through its retries, and a stage that runs a pipeline itself,
+            ``inner.execute(ctx)``, runs it within its slot). None: no limit
+            beyond the pipeline's own.
     """
 
     timeout: float | None = attrs.field(default=None, validator=_check_timeout)

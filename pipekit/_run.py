@@ -1573,6 +1573,9 @@ async def run_nested(pipeline: Pipeline, ctx: StageContext) -> Mapping[str, Any]
     if not isinstance(parent, _Run):  # pragma: no cover - contexts come from runs
         raise TypeError("a nested pipeline needs a context made by pipekit")
     child = _Run(pipeline, pipeline.plan(), parent.request, _child_emitter(parent, pipeline), parent=parent)
+    # The calling stage holds a max_parallel slot: its inner stages run within
+    # it (taking more would fail in its task, or deadlock at max_parallel=1).
+    child.limiter = None
     return await _finish_child(child, ctx.stage)
 
 
