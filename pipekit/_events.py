@@ -57,6 +57,8 @@ class Event:
 class PipelineStarted(Event):
     """A run started. ``request_type`` is the request's ``type``, ``input`` its input, ``metadata`` its metadata.
 
+    ``dry_run`` says whether it is a dry run (nothing executes).
+
     ``parent`` names the pipeline this one is nested in (None for the run a
     caller started).
     """
@@ -66,6 +68,7 @@ class PipelineStarted(Event):
     parent: str | None = None
     input: Mapping[str, Any] = attrs.field(factory=dict, repr=False)
     metadata: Mapping[str, str] = attrs.field(factory=dict, repr=False)
+    dry_run: bool = False
 
 
 @attrs.frozen(kw_only=True)

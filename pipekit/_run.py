@@ -444,6 +444,7 @@ class _Run(_RunView):
                                 parent=None if self.parent_run is None else self.parent_run.pipeline_name,
                                 input=request.input,
                                 metadata=request.metadata,
+                                dry_run=self.dry_run,
                             )
                         )
                     if self.dry_run:
