@@ -26,6 +26,7 @@ test: lint typecheck unit docs bench-smoke
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/python -m pipekit.spec --check  # the shipped JSON Schema matches the model
 
 typecheck: $(STAMP)
 	$(BIN)/mypy

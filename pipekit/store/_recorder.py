@@ -9,7 +9,7 @@ import socket
 import uuid
 from collections.abc import Mapping
 from types import MappingProxyType, TracebackType
-from typing import Self
+from typing import Protocol, Self
 
 import anyio
 import anyio.abc
@@ -21,7 +21,7 @@ from pipekit._status import Status
 
 from ._errors import StoreError
 from ._state import RUNNING, RunState, StageState, describe, encode_input, encode_json
-from ._values import INTERRUPTED, RunRow, RunStore, WriteBatch
+from ._values import INTERRUPTED, RunRow, WriteBatch
 
 __all__ = ["RecorderStatistics", "RunRecorder"]
 
@@ -64,6 +64,14 @@ class RecorderStatistics:
     rows: int = 0
     failures: int = 0
     pending: int = 0
+
+
+class BatchWriter(Protocol):
+    """What a `RunRecorder` needs of a store: `RunStore.save`."""
+
+    async def save(self, batch: WriteBatch) -> None:
+        """Write ``batch`` as one transaction."""
+        ...
 
 
 class RunRecorder:
@@ -116,7 +124,7 @@ class RunRecorder:
 
     def __init__(
         self,
-        store: RunStore,
+        store: BatchWriter,
         *,
         definition: str | None = None,
         trigger: str = "api",
