@@ -526,7 +526,7 @@ class TestStoreErrors:
         assert path.read_bytes() == b"this is not sqlite" * 100
 
     def test_locked_database(self, hello: Path, db: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-        """A database another process keeps locked is retried, then one clear line, exit 1; nothing written."""
+        """A locked database is retried, then one clear line, exit 1; nothing runs, nothing is written."""
         assert invoke("run", hello, "--db", db).exit_code == 0
         monkeypatch.setattr(
             _app, "open_store", lambda path: SqliteStore(path, lock_attempts=3, lock_backoff=0, busy_timeout=0.05)
@@ -541,10 +541,11 @@ class TestStoreErrors:
         assert result.exit_code == 1
         lines = error_lines(result)
         assert lines == [
-            f"pipekit: error: the run was not recorded: database {db} is locked by another process "
+            f"pipekit: error: database {db} is locked by another process "
             "(gave up after 3 attempts); try again when it has finished"
         ]
         assert "Traceback" not in result.output
+        assert "built it" not in result.output  # checked before the pipeline started
         assert run_count(db) == 1
 
     def test_reading_commands_never_create_a_database(self, db: Path) -> None:
@@ -733,10 +734,6 @@ class TestRetry:
         assert f"run {new['id']} retries run {failed_run}" in result.stdout
         assert show_json(db, new["id"])["definition_hash"] == show_json(db, failed_run)["definition_hash"]
 
-    @pytest.mark.xfail(
-        reason="CommandStage outputs (CommandResult) are not recorded as JSON, so a retry cannot restore them",
-        strict=True,
-    )
     def test_from_failed_skips_command_stages_that_succeeded(self, failed_run: str, db: Path, project: Path) -> None:
         """The stage that succeeded in the failed run does not run again."""
         assert invoke("retry", failed_run, "--from-failed", "--db", db).exit_code == 0

@@ -61,3 +61,30 @@ class TestEngineStore:
                 await engine.execute(pipeline, pk.PipelineRequest(options=pk.RequestOptions(dry_run=True)))
                 await engine.execute(pipeline)
             assert (await store.list_runs()).total == 1
+
+
+class TestCommandResults:
+    async def test_command_results_are_stored_and_restored_as_themselves(self, tmp_path: Path) -> None:
+        """A CommandStage's output (a CommandResult, alone or in a list) round-trips through the history."""
+        import sys
+
+        from pipekit.ci import CommandResult, CommandStage
+
+        command = CommandStage("hello", [sys.executable, "-c", "print('hi')"])
+
+        @pk.stage
+        async def both(ctx: pk.StageContext) -> list[CommandResult]:
+            return [ctx.outputs["hello"], ctx.outputs["hello"]]
+
+        pipeline = pk.Pipeline("p").add_stage(command).add_stage(both)
+        async with SqliteStore(tmp_path / "db") as store:
+            async with pk.Engine(store=store) as engine:
+                response = await engine.execute(pipeline)
+            (run,) = (await store.list_runs()).runs
+            record = await store.get_run(run.id)
+        stages = {s.stage: s for s in record.stages}
+        assert stages["hello"].output_restorable
+        assert stages["hello"].output == response.outputs["hello"]
+        assert isinstance(stages["hello"].output, CommandResult)
+        assert stages["hello"].output.stdout == "hi\n"
+        assert stages["both"].output == [response.outputs["hello"]] * 2

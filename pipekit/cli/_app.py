@@ -275,6 +275,8 @@ async def _execute(job: _Job) -> _Outcome:
             hooks: list[pk.Hook] = []
             if job.db is not None:
                 store = await stack.enter_async_context(open_store(job.db))
+                if not job.request.options.dry_run:
+                    await store.check_writable()  # a locked database stops the run before anything runs
                 recorder = await stack.enter_async_context(
                     store.recorder(
                         definition=job.loaded.definition,

@@ -16,6 +16,7 @@ from typing import Any
 
 from ._errors import RunNotFoundError, StoreError
 from ._schema import migrate
+from ._state import TAGGED, TYPE_TAG
 from ._values import INTERRUPTED, PipelineStats, RunPage, RunRecord, StageRecord, WriteBatch
 
 __all__ = ["Database", "is_busy", "translate"]
@@ -102,14 +103,30 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _decode(text: str | None) -> tuple[Any, bool]:
-    """The JSON value stored as ``text`` and whether it decoded."""
+def _decode(text: str | None, *, revive: bool = False) -> tuple[Any, bool]:
+    """The JSON value stored as ``text`` and whether it decoded (``revive``: rebuild tagged pipekit values)."""
     if text is None:
         return None, True
     try:
-        return json.loads(text), True
+        return json.loads(text, object_hook=_revive if revive else None), True
     except ValueError:
         return None, False
+
+
+def _revive(value: dict[str, Any]) -> Any:
+    """A tagged pipekit value (a `CommandResult`) rebuilt; any other object as it is."""
+    if value.get(TYPE_TAG) != "pipekit.ci.CommandResult":
+        return value
+    try:
+        from pipekit.ci._command import CommandResult  # noqa: PLC0415 - the ci extra may be absent
+    except ImportError:  # pragma: no cover - without the ci extra, the plain mapping
+        return value
+    fields = {name: value[name] for name in TAGGED["pipekit.ci.CommandResult"] if name in value}
+    fields["args"] = tuple(fields.get("args", ()))
+    try:
+        return CommandResult(**fields)
+    except TypeError:
+        return value
 
 
 def _percentile(sorted_values: Sequence[float], q: float) -> float:
@@ -166,6 +183,12 @@ class Database:
             conn.execute("PRAGMA journal_mode = WAL")
         conn.execute("PRAGMA synchronous = NORMAL")  # with WAL: durable but for the last commits on power loss
         return self.recover()
+
+    def probe_write(self) -> None:
+        """Take the write lock and give it back at once (raises while another process holds it)."""
+        conn = self._conn()
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute("ROLLBACK")
 
     def recover(self) -> tuple[str, ...]:
         """Mark runs still ``running`` whose recording process (on this host) is gone as interrupted."""
@@ -379,7 +402,7 @@ class Database:
 
     @staticmethod
     def _stage(row: sqlite3.Row) -> StageRecord:
-        output, decoded = _decode(row["output"])
+        output, decoded = _decode(row["output"], revive=True)
         tail, tail_decoded = _decode(row["log_tail"])
         return StageRecord(
             stage=row["stage"],

@@ -239,6 +239,18 @@ class SqliteStore:
         )
         return await self._call(query)
 
+    async def check_writable(self) -> None:
+        """Make sure runs can be recorded now: take the write lock once (retried while locked).
+
+        Call it before running something whose history must be kept, so a
+        locked or read-only database stops it before anything runs.
+
+        Raises:
+            StoreLockedError: If another process kept the database locked.
+            StoreError: If it cannot be written.
+        """
+        await self._call(self._db.probe_write)
+
     def recorder(self, **options: Any) -> RunRecorder:
         """A `RunRecorder` writing into this store (what ``Engine(store=...)`` uses).
 

@@ -31,9 +31,19 @@ def describe(error: BaseException | None) -> str | None:
     return text
 
 
+#: The key that tags pipekit's own values in stored JSON, so they are restored as themselves.
+TYPE_TAG = "__pipekit_type__"
+#: pipekit values stored tagged (by their public path), and the fields they are rebuilt from.
+TAGGED = {"pipekit.ci.CommandResult": ("args", "returncode", "stdout", "stderr", "duration", "truncated")}
+
+
 def _json_default(value: object) -> object:
     if isinstance(value, Mapping):
         return dict(value)
+    path = f"{type(value).__module__}.{type(value).__qualname__}"
+    fields = TAGGED.get(path)
+    if fields is not None:
+        return {TYPE_TAG: path, **{name: getattr(value, name) for name in fields}}
     raise TypeError(f"{type(value).__name__} is not JSON-serialisable")
 
 
