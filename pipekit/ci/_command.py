@@ -150,7 +150,7 @@ class CommandStage(BaseStage):
     def __init__(
         self,
         name: str,
-        command: str | Sequence[str],
+        command: str | Sequence[str | os.PathLike[str]],
         *,
         shell: bool = False,
         cwd: str | os.PathLike[str] | None = None,
@@ -159,7 +159,7 @@ class CommandStage(BaseStage):
         timeout: float | None = None,
         retry: RetryPolicy | None = None,
         success_codes: Sequence[int] = (0,),
-        rollback_command: str | Sequence[str] | None = None,
+        rollback_command: str | Sequence[str | os.PathLike[str]] | None = None,
         description: str = "",
         tail_bytes: int = DEFAULT_TAIL_BYTES,
         log_file: str | os.PathLike[str] | None = None,
@@ -296,7 +296,9 @@ class CommandStage(BaseStage):
         if self.rollback_command is not None:
             await self.run(ctx, self.rollback_command)
 
-    async def run(self, ctx: StageContext, command: str | Sequence[str] | None = None) -> CommandResult:
+    async def run(
+        self, ctx: StageContext, command: str | Sequence[str | os.PathLike[str]] | None = None
+    ) -> CommandResult:
         """Run ``command`` (this stage's own by default) with this stage's settings.
 
         Other stages reuse it to run several commands as one stage.

@@ -40,7 +40,10 @@ class Tail:
         self.truncated = False
 
     def add(self, line: str) -> None:
-        """Keep ``line``; drop the oldest lines beyond the limit."""
+        """Keep ``line``; drop the oldest lines beyond the limit (and the start of a line longer than it)."""
+        if len(line) >= self.limit:  # alone it fills the tail: keep its end, so the last words are never lost
+            line = line[len(line) - self.limit + 1 :]
+            self.truncated = True
         size = len(line) + 1
         self._lines.append(line)
         self._size += size
@@ -67,13 +70,26 @@ async def _pump(
             break
         pending += chunk
         *lines, pending = pending.split(b"\n")
-        for raw in lines:
-            await on_line(name, raw.rstrip(b"\r").decode("utf-8", "replace"))
-        while len(pending) > MAX_LINE:
-            piece, pending = pending[:MAX_LINE], pending[MAX_LINE:]
-            await on_line(name, piece.decode("utf-8", "replace"))
+        for line in lines:
+            rest = await _pieces(line, name, on_line)
+            await on_line(name, rest.rstrip(b"\r").decode("utf-8", "replace"))
+        pending = await _pieces(pending, name, on_line)
     if pending:
         await on_line(name, pending.rstrip(b"\r").decode("utf-8", "replace"))
+
+
+async def _pieces(data: bytes, name: Stream, on_line: Callable[[Stream, str], Awaitable[None]]) -> bytes:
+    """Send ``data`` on in pieces of at most `MAX_LINE` bytes while it is longer; return the rest.
+
+    Pieces end on a character boundary, so a cut never garbles UTF-8 text.
+    """
+    while len(data) > MAX_LINE:
+        cut = MAX_LINE
+        while cut > MAX_LINE - 3 and data[cut] & 0xC0 == 0x80:  # a UTF-8 continuation byte: back off
+            cut -= 1
+        await on_line(name, data[:cut].decode("utf-8", "replace"))
+        data = data[cut:]
+    return data
 
 
 def _signal_group(pgid: int, sig: int) -> bool:
@@ -87,24 +103,59 @@ def _signal_group(pgid: int, sig: int) -> bool:
     return True
 
 
-def _group_alive(pgid: int) -> bool:
-    return _signal_group(pgid, 0)
+async def _group_alive(pgid: int) -> bool:
+    """Whether a process of the group is still running.
+
+    Zombies do not count: an orphan stays one until init reaps it, which
+    some container inits do only every few seconds, and some never.
+    """
+    return _signal_group(pgid, 0) and await anyio.to_thread.run_sync(_running_member, pgid)
+
+
+def _running_member(pgid: int) -> bool:
+    """Whether ``/proc`` lists a process of group ``pgid`` that is not a zombie (True without ``/proc``)."""
+    try:
+        entries = os.listdir("/proc")
+    except OSError:  # not Linux: count zombies as running
+        return True
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as file:
+                stat = file.read()
+        except OSError:  # ended meanwhile
+            continue
+        # "pid (comm) state ppid pgrp ...": comm may hold spaces and parentheses.
+        state, _ppid, pgrp, *_ = stat[stat.rfind(b")") + 2 :].split(maxsplit=3)
+        if int(pgrp) == pgid and state not in (b"Z", b"X"):
+            return True
+    return False
 
 
 async def _end_group(process: anyio.abc.Process, pgid: int, grace: float) -> None:
     """SIGTERM the whole group, SIGKILL what is left after ``grace`` seconds; reap the command.
 
-    Runs shielded, bounded by ``grace`` plus a few seconds.
+    Returns once the group is gone (a SIGKILL is delivered asynchronously:
+    the processes may still run for a moment after it is sent). Runs
+    shielded, bounded by ``grace`` plus a few seconds.
     """
     with anyio.CancelScope(shield=True):
         if _signal_group(pgid, signal.SIGTERM):
             with anyio.move_on_after(grace):
-                await process.wait()
-                while _group_alive(pgid):  # noqa: ASYNC110 - nothing signals a process group's end
-                    await anyio.sleep(0.02)
-            _signal_group(pgid, signal.SIGKILL)
+                await _wait_group(process, pgid)
+            if _signal_group(pgid, signal.SIGKILL):
+                with anyio.move_on_after(5):
+                    await _wait_group(process, pgid)
         with anyio.move_on_after(5):
             await process.wait()
+
+
+async def _wait_group(process: anyio.abc.Process, pgid: int) -> None:
+    """Wait until the command has exited and no process of its group runs any more."""
+    await process.wait()
+    while await _group_alive(pgid):  # noqa: ASYNC110 - nothing signals a process group's end
+        await anyio.sleep(0.02)
 
 
 async def run_process(
@@ -143,7 +194,7 @@ async def run_process(
             returncode = await process.wait()
             # Whatever the command left running in its group still holds
             # the pipes (the readers would never see their end): end it.
-            if _group_alive(pgid):
+            if await _group_alive(pgid):
                 await _end_group(process, pgid, kill_grace)
     except BaseException:
         await _end_group(process, pgid, kill_grace)

@@ -213,6 +213,9 @@ class SqliteStore:
     ) -> RunPage:
         """One page of the runs matching the filters, newest first (see `RunStore.list_runs`).
 
+        Like every query, it first waits for what this store's open recorders
+        have recorded to be written, so it sees the runs that just ended.
+
         Args:
             pipeline: Only this pipeline's runs.
             status: Only runs in this status (or in any of these).
@@ -237,6 +240,7 @@ class SqliteStore:
         query = functools.partial(
             self._db.list_runs, pipeline=pipeline, statuses=statuses, since=start, until=end, limit=limit, offset=offset
         )
+        await self._flush_recorders()
         return await self._call(query)
 
     async def check_writable(self) -> None:
@@ -302,6 +306,7 @@ class SqliteStore:
         Raises:
             StoreError: If the database cannot be read.
         """
+        await self._flush_recorders()
         return await self._call(self._db.stats, pipeline, _epoch("since", since))
 
 
