@@ -15,10 +15,13 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 ## demo: run the example pipelines: examples/demo.py (parallel stages, a retried stage, a failure with
-## rollback), then the CI example (real commands linting, testing and building examples/ci/sample)
+## rollback); the CI example in Python (real commands linting, testing and building examples/ci/sample);
+## then examples/ci/pipeline.yaml through the pipekit command, recorded in a SQLite run history, with
+## runs/show/retry --from-failed/stats on it
 demo: $(STAMP)
 	$(BIN)/python examples/demo.py
 	$(BIN)/python examples/ci/ci.py
+	$(BIN)/python examples/ci/cli_demo.py
 
 ## test: lint, type-check (mypy --strict), run the tests on asyncio and trio, build the docs, smoke-run the benchmarks
 test: lint typecheck unit docs bench-smoke

@@ -175,6 +175,17 @@ class TestFailure:
         assert cause.command == (PY, "-c", py(code)[2])
         assert response.stages["build"].error is cause
 
+    async def test_a_failing_script_is_shown_by_its_first_line(self) -> None:
+        """A multi-line shell script appears in the message as its first line, not the whole script."""
+        script = "echo checking\nif [ -n 'x' ]; then echo 'not approved' >&2; exit 3; fi\necho unreachable\n"
+
+        response = await run_one(CommandStage("verify", script, shell=True))
+
+        cause = cause_of(response)
+        assert isinstance(cause, CommandFailedError)
+        assert str(cause) == "command 'echo checking ...' exited with status 3; stderr ends with: not approved"
+        assert cause.command == ("/bin/sh", "-c", script)  # the whole script stays on the error
+
     async def test_a_missing_executable(self) -> None:
         """An executable not on PATH: a CommandNotFoundError naming it."""
         response = await run_one(CommandStage("lint", "no-such-tool-pipekit --fix"))

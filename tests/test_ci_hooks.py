@@ -455,6 +455,15 @@ class TestPrintHook:
             "[release] succeeded in T",
         ]
 
+    async def test_says_a_restored_stage_did_not_run(self) -> None:
+        """A stage restored from an earlier run (retry --from-failed) is printed as restored, not succeeded."""
+        out = io.StringIO()
+        options = pk.RequestOptions(restore={"build": "wheel"})
+        pipeline = pk.Pipeline("release").add_stage(MockStage("build")).add_stage(MockStage("test"))
+        with anyio.fail_after(5), capture_logs():
+            await pipeline.execute(pk.PipelineRequest(options=options), hooks=[PrintHook(out)])
+        assert out.getvalue().splitlines()[1] == "[release] build restored from an earlier run"
+
     async def test_prints_a_failing_run(self) -> None:
         """A failure, the rollback and the run's end with its error are each one line."""
         out = io.StringIO()

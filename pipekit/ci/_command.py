@@ -403,10 +403,18 @@ def _which(executable: str, env: Mapping[str, str], cwd: str | None) -> str | No
     return shutil.which(executable, path=env.get("PATH", os.defpath))
 
 
+def _shown(args: tuple[str, ...]) -> str:
+    """A command as a message shows it: a shell script by its first line, everything cut at 120 characters."""
+    if len(args) == 3 and args[1] == "-c" and os.path.basename(args[0]) == "sh":
+        lines = args[2].strip().splitlines() or [""]
+        command = lines[0] + (" ..." if len(lines) > 1 else "")
+    else:
+        command = shlex.join(args)
+    return command if len(command) <= 120 else command[:117] + "..."
+
+
 def _failure_message(args: tuple[str, ...], returncode: int, stderr: str) -> str:
-    command = shlex.join(args)
-    if len(command) > 200:
-        command = command[:197] + "..."
+    command = _shown(args)
     if returncode < 0:
         try:
             how = f"was killed by {signal.Signals(-returncode).name}"

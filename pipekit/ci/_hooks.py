@@ -254,6 +254,8 @@ def _describe(event: ev.Event) -> str:
         case ev.StageRetrying():
             return f"{stage} attempt {event.attempt} failed{error}; retrying in {_seconds(event.delay)}"
         case ev.StageSucceeded():
+            if event.restored:
+                return f"{stage} restored from an earlier run"
             retried = f" (attempt {event.attempt})" if event.attempt > 1 else ""
             return f"{stage} succeeded in {_seconds(event.duration)}{retried}"
         case ev.StageFailed():
