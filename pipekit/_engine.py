@@ -445,6 +445,8 @@ class Engine:
         *,
         from_failed: bool = False,
         pipeline: Pipeline | None = None,
+        options: RequestOptions | None = None,
+        metadata: Mapping[str, str] | None = None,
     ) -> ExecutionHandle:
         """Run a recorded execution again, with the same input; returns the new execution's handle.
 
@@ -459,6 +461,10 @@ class Engine:
             from_failed: Skip what already succeeded.
             pipeline: The pipeline to run; by default the one this engine
                 last ran under the recorded name.
+            options: The new run's options (its ``restore`` is filled in).
+            metadata: More request metadata. The recorded definition (if the
+                record has a ``definition``) is carried over, so the retry
+                can itself be retried.
 
         Raises:
             RuntimeError: If the engine has no store.
@@ -494,10 +500,14 @@ class Engine:
                     and stage.output_restorable
                 ):
                     restore[stage.stage] = stage.output
+        carried: dict[str, str] = {}
+        definition = getattr(record, "definition", None)
+        if isinstance(definition, str):
+            carried["pipekit.definition"] = definition
         request = PipelineRequest(
             input=record.input,
-            options=RequestOptions(restore=restore),
-            metadata={"pipekit.trigger": "retry", "pipekit.retry_of": record.id},
+            options=attrs.evolve(options or RequestOptions(), restore=restore),
+            metadata={**carried, **(metadata or {}), "pipekit.trigger": "retry", "pipekit.retry_of": record.id},
         )
         return await self.submit(pipeline, request)
 

@@ -1151,7 +1151,9 @@ class _Run(_RunView):
             if self.attempts[i] == 0:
                 message = f"stage {self.nodes[i].name!r} failed before it started"
             elif isinstance(cause, ValidationError):
-                message = f"stage {self.nodes[i].name!r} failed validation: {cause}"
+                name = self.nodes[i].name
+                detail = str(cause).removeprefix(f"stage {name!r}: ")  # the stage is named once
+                message = f"stage {name!r} failed validation: {detail}"
             elif cause is not None:
                 # Say why in the run's error, not only in its __cause__.
                 n = self.attempts[i]

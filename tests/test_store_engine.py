@@ -88,3 +88,51 @@ class TestCommandResults:
         assert isinstance(stages["hello"].output, CommandResult)
         assert stages["hello"].output.stdout == "hi\n"
         assert stages["both"].output == [response.outputs["hello"]] * 2
+
+
+class TestRetryCarriesOver:
+    async def test_definition_options_and_metadata(self, tmp_path: Path) -> None:
+        """retry() keeps the recorded definition (a retry can be retried), and takes options and metadata."""
+        seen: list[pk.PipelineStarted] = []
+
+        async def watch(event: pk.Event) -> None:
+            if isinstance(event, pk.PipelineStarted):
+                seen.append(event)
+
+        flaky = MockStage("deploy", fail_times=1)
+        pipeline = _pipeline(MockStage("build"), flaky)
+        request = pk.PipelineRequest(metadata={"pipekit.definition": "name: release\n"})
+        async with SqliteStore(tmp_path / "db") as store:
+            async with pk.Engine(store=store, hooks=[watch]) as engine:
+                await engine.execute(pipeline, request)
+                (failed,) = (await store.list_runs()).runs
+                handle = await engine.retry(
+                    failed.id,
+                    from_failed=True,
+                    options=pk.RequestOptions(max_parallel=1),
+                    metadata={"team": "web"},
+                )
+                await handle.wait()
+            latest = await store.get_run((await store.list_runs()).runs[0].id)
+        assert latest.definition == "name: release\n"
+        assert handle.request.options.max_parallel == 1
+        assert set(handle.request.options.restore) == {"build"}
+        assert seen[-1].metadata["team"] == "web"
+        assert seen[-1].metadata["pipekit.retry_of"] == failed.id
+
+
+class TestValidationMessage:
+    async def test_the_stage_is_named_once(self) -> None:
+        """A stage failing validation in a real run is named once in the run's error."""
+
+        class Picky(pk.BaseStage):
+            name = "picky"
+
+            def validate(self, ctx: pk.StageContext) -> None:
+                raise pk.ValidationError("stage 'picky': needs input 'x'", stage="picky")
+
+            async def execute(self, ctx: pk.StageContext) -> None:
+                raise AssertionError("not reached")
+
+        response = await pk.Pipeline("p").add_stage(Picky()).execute()
+        assert str(response.error) == "stage 'picky' failed validation: needs input 'x'"
