@@ -336,7 +336,7 @@ class TestFullForm:
         cause = cause_of(response)
         assert isinstance(cause, CommandFailedError)
         assert cause.returncode == 3
-        assert str(cause) == "command \"/bin/sh -c 'echo five >> steps.txt; exit 3'\" exited with status 3"
+        assert str(cause) == "command 'echo five >> steps.txt; exit 3' exited with status 3"
 
     async def test_rollback_commands_run_after_a_later_failure(self) -> None:
         """Completed stages are compensated in reverse, each stage's rollback commands in the order written."""
