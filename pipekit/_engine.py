@@ -504,7 +504,9 @@ class Engine:
         definition = getattr(record, "definition", None)
         if isinstance(definition, str):
             carried["pipekit.definition"] = definition
+        request_type = getattr(record, "request_type", "")
         request = PipelineRequest(
+            type=request_type if isinstance(request_type, str) else "",
             input=record.input,
             options=attrs.evolve(options or RequestOptions(), restore=restore),
             metadata={**carried, **(metadata or {}), "pipekit.trigger": "retry", "pipekit.retry_of": record.id},

@@ -13,6 +13,7 @@ import json
 import os
 import signal
 import sqlite3
+import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -60,6 +61,15 @@ def assert_one_line_error(result: Result, exit_code: int, *fragments: str) -> No
     for fragment in fragments:
         assert fragment in lines[0]
     assert "Traceback" not in result.output
+
+
+_connect = sqlite3.connect
+
+
+def read_only_connect(path: str, **kwargs: Any) -> sqlite3.Connection:
+    """`sqlite3.connect` as SQLite opens a file it may not write (no write permission): read-only."""
+    connection: sqlite3.Connection = _connect(f"file:{path}?mode=ro", uri=True, **kwargs)
+    return connection
 
 
 def run_count(db: Path) -> int:
@@ -548,6 +558,15 @@ class TestStoreErrors:
         assert "built it" not in result.output  # checked before the pipeline started
         assert run_count(db) == 1
 
+    def test_read_only_database(self, hello: Path, db: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        """A database that cannot be written: one line, exit 1, before the pipeline runs; reading still works."""
+        assert invoke("run", hello, "--db", db).exit_code == 0
+        monkeypatch.setattr(sqlite3, "connect", read_only_connect)
+        result = invoke("run", hello, "--db", db)
+        assert_one_line_error(result, 1, f"cannot write run database {db}: it is read-only")
+        assert "built it" not in result.output  # checked before the pipeline started
+        assert len(runs_json(db)) == 1
+
     def test_reading_commands_never_create_a_database(self, db: Path) -> None:
         """runs/stats on a missing database say there is nothing; show/retry fail with one line; no file appears."""
         result = invoke("runs", "--db", db)
@@ -822,14 +841,64 @@ class TestRetry:
         assert run_count(db) == 1
 
 
+class TestJsonErrors:
+    @pytest.fixture
+    def newer(self, hello: Path, db: Path) -> Path:
+        """A run history written by a newer pipekit."""
+        assert invoke("run", hello, "--db", db).exit_code == 0
+        with sqlite3.connect(db) as conn:
+            conn.execute("PRAGMA user_version = 99")
+        return db
+
+    @pytest.mark.parametrize(
+        ("args", "exit_code"),
+        [
+            (("run", "bad.yaml"), 2),
+            (("run", "hello.yaml", "--input", "novalue"), 2),
+            (("run", "hello.yaml", "--db", "{newer}"), 1),
+            (("retry", "abc", "--db", "{newer}"), 1),
+            (("runs", "--db", "{newer}"), 1),
+            (("stats", "--db", "{newer}"), 1),
+            (("show", "abc", "--db", "{newer}"), 1),
+        ],
+    )
+    def test_a_failing_command_still_prints_one_json_document(
+        self, project: Path, newer: Path, args: tuple[str, ...], exit_code: int
+    ) -> None:
+        """With --json, an error before there is anything to report is a JSON document too (and a line on stderr)."""
+        write(project / "bad.yaml", "name: x\nstages:\n  - name: a\n    comand: ls\n")
+        result = invoke(*(a.format(newer=newer) for a in args), "--json")
+        assert result.exit_code == exit_code
+        document = json.loads(result.stdout)
+        messages = [line.removeprefix("pipekit: error: ") for line in error_lines(result)]
+        assert document["ok"] is False
+        assert document["exit_code"] == exit_code
+        assert document["errors"] == messages
+        assert document["error"] == messages[0]
+
+    def test_validate_lists_the_problems_of_an_invalid_file(self, project: Path) -> None:
+        """``validate --json`` of a file that does not load: the validate document, with every problem."""
+        bad = write(project / "bad.yaml", "name: x\nstages:\n  - name: a\n    comand: ls\n    timeout: ten\n")
+        result = invoke("validate", bad.name, "--json")
+        assert result.exit_code == 2
+        document = json.loads(result.stdout)
+        assert (document["valid"], document["pipeline"], document["source"]) == (False, None, "bad.yaml")
+        assert document["problems"] == [
+            "bad.yaml:4: stages[0].comand: unknown field (did you mean 'command'?)",
+            'bad.yaml:5: stages[0].timeout: expected a number of seconds, got "ten"',
+        ]
+
+
 class TestSmallCommands:
     def test_schema(self) -> None:
-        """``schema`` prints the pipeline files' JSON Schema."""
+        """``schema`` prints the pipeline files' JSON Schema: the file pipekit ships."""
         from pipekit import spec
+        from pipekit.spec._schema import SCHEMA_PATH
 
         result = invoke("schema")
         assert result.exit_code == 0
         assert json.loads(result.stdout) == spec.json_schema()
+        assert result.stdout == SCHEMA_PATH.read_text(encoding="utf-8")
 
     def test_version(self) -> None:
         """``version`` and --version print pipekit's version."""
@@ -842,6 +911,41 @@ class TestSmallCommands:
         assert result.exit_code == 0
         for command in ("run", "validate", "runs", "show", "stats", "retry", "schema", "version"):
             assert command in result.stdout
+
+
+class TestClosedPipe:
+    @pytest.mark.parametrize("as_json", [False, True])
+    def test_the_run_goes_on_when_the_reader_of_stdout_goes_away(self, project: Path, db: Path, as_json: bool) -> None:
+        """``pipekit run FILE | head``: the run finishes and is recorded, no traceback, the exit status is the run's."""
+        write(
+            project / "chatty.yaml",
+            """
+            name: chatty
+            stages:
+              - name: talk
+                command: seq 1 2000
+              - name: last
+                command: touch done
+            """,
+        )
+        env = {**os.environ, "PYTHONPATH": str(Path(pk.__file__).parent.parent)}
+        args = [PYTHON, "-m", "pipekit.cli", "run", "chatty.yaml", "--db", str(db), *(["--json"] if as_json else [])]
+        process = subprocess.Popen(args, cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        assert process.stdout is not None
+        assert process.stderr is not None
+        process.stdout.close()  # the reader goes away before the command writes anything
+        try:
+            stderr = process.stderr.read().decode()
+            returncode = process.wait(timeout=30)
+        finally:
+            if process.returncode is None:
+                process.kill()
+                process.wait()
+            process.stderr.close()
+        assert (returncode, stderr) == (0, "")
+        assert (project / "done").exists()
+        (run,) = runs_json(db)
+        assert run["status"] == "succeeded"
 
 
 class TestInterrupt:

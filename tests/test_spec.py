@@ -37,7 +37,9 @@ from pipekit.spec import (
 )
 from pipekit.spec.__main__ import main as schema_main
 from pipekit.spec._expr import Condition
-from pipekit.spec._schema import SCHEMA_PATH, schema_text
+from pipekit.spec._schema import _DOCS_END as DOCS_END
+from pipekit.spec._schema import _DOCS_START as DOCS_START
+from pipekit.spec._schema import DOCS_PATH, SCHEMA_PATH, docs_with_schema, schema_text
 from pipekit.spec._stages import CommandWithRollbacks
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -229,6 +231,21 @@ class TestBuild:
         assert (test.command, test.cwd) == (("make", "test"), workspace)
         assert stage_entry(pipeline, "test").timeout == 300
         assert stage_entry(pipeline, "deploy").timeout == 300
+
+    def test_flat_form_build_and_deploy_commands(self) -> None:
+        """In the flat form a Build or Deploy stage names its own command: it runs that (with shell, if asked)."""
+        pipeline = loads(
+            "name: x\n"
+            "stages:\n"
+            "  - {name: image, type: Build, command: docker build -t app ., timeout: 300}\n"
+            "  - {name: ship, type: Deploy, shell: true, command: kubectl apply -f k8s/ && echo ok}\n"
+        )
+        image, ship = (stage_entry(pipeline, n).stage for n in ("image", "ship"))
+        assert type(image) is CommandStage
+        assert image.command == ("docker", "build", "-t", "app", ".")
+        assert stage_entry(pipeline, "image").timeout == 300
+        assert type(ship) is CommandStage
+        assert (ship.command, ship.shell) == ("kubectl apply -f k8s/ && echo ok", True)
 
     def test_flat_parallel(self) -> None:
         """With ``parallel: true`` every stage without depends_on is a root (after checkout, if any)."""
@@ -550,6 +567,42 @@ class TestBadInput:
             'pipeline.yaml:1: name: expected a non-empty string, got ""'
         )
 
+    def test_every_wrong_value_is_reported(self) -> None:
+        """Not only the first value of a wrong type: every one, with unknown fields and missing ones, in file order."""
+        text = """\
+            name: x
+            parallel: maybe
+            stages:
+              - name: a
+                command: ls
+                timeout: ten
+                retry: {max_attempts: 0, delay: soon}
+              - name: b
+                comand: ls
+                env: {X: {value: 1, secret: "yes"}}
+              - command: ls
+                depends_on: [1]
+            """
+        assert error_of(text).splitlines() == [
+            'pipeline.yaml:2: parallel: expected true or false, got "maybe"',
+            'pipeline.yaml:6: stages[0].timeout: expected a number of seconds, got "ten"',
+            "pipeline.yaml:7: stages[0].retry.max_attempts: expected an integer >= 1, got 0",
+            'pipeline.yaml:7: stages[0].retry.delay: expected a number of seconds, got "soon"',
+            "pipeline.yaml:9: stages[1].comand: unknown field (did you mean 'command'?)",
+            'pipeline.yaml:10: stages[1].env.X.secret: expected true or false, got "yes"',
+            "pipeline.yaml:11: stages[2]: missing required field 'name'",
+            "pipeline.yaml:12: stages[2].depends_on[0]: expected a string, got 1",
+        ]
+
+    def test_keys_that_are_not_strings(self) -> None:
+        """A mapping key YAML reads as a number names the mapping and how to quote it."""
+        assert error_of("name: x\nvariables: {1: a}\nstages: [{name: a, command: ls}]\n") == (
+            'pipeline.yaml:2: variables: keys must be strings, got 1 (quote it: "1")'
+        )
+        assert error_of("name: x\nstages: [{name: a, command: ls, env: {2: b}}]\n") == (
+            'pipeline.yaml:2: stages[0].env: keys must be strings, got 2 (quote it: "2")'
+        )
+
     def test_missing_fields(self) -> None:
         """A required field that is missing, at the mapping that lacks it."""
         assert error_of("stages: [{name: a, command: ls}]\n") == "pipeline.yaml:1: missing required field 'name'"
@@ -653,13 +706,22 @@ class TestBadInput:
             "{name: a, command: ls, steps: [ls]}": (
                 "pipeline.yaml:2: stages[0].steps: give either command or steps, not both"
             ),
-            "{name: a, type: Build}": "pipeline.yaml:2: stages[0]: a Build stage needs a tag",
-            "{name: a, type: Deploy}": "pipeline.yaml:2: stages[0]: a Deploy stage needs a manifest",
+            "{name: a, type: Build}": "pipeline.yaml:2: stages[0]: a Build stage needs a tag (or a command)",
+            "{name: a, type: Deploy}": "pipeline.yaml:2: stages[0]: a Deploy stage needs a manifest (or a command)",
             "{name: a, type: Build, tag: t, command: ls}": (
-                "pipeline.yaml:2: stages[0].command: a Build stage runs its own command; use a Run stage for command"
+                "pipeline.yaml:2: stages[0].tag: give either command or tag, not both"
+            ),
+            "{name: a, type: Deploy, command: ls, namespace: n}": (
+                "pipeline.yaml:2: stages[0].namespace: give either command or namespace, not both"
+            ),
+            "{name: a, type: Deploy, command: ls, steps: [ls]}": (
+                "pipeline.yaml:2: stages[0].steps: give either command or steps, not both"
+            ),
+            "{name: a, type: Build, tag: t, steps: [ls]}": (
+                "pipeline.yaml:2: stages[0].steps: a Build stage runs one command; use a Run stage for steps"
             ),
             "{name: a, type: Deploy, manifest: m, shell: true}": (
-                "pipeline.yaml:2: stages[0].shell: only Run stages take shell (Deploy runs an argument list)"
+                "pipeline.yaml:2: stages[0].shell: shell needs a command (Deploy runs kubectl apply as arguments)"
             ),
             "{name: a, type: Build, tag: --help}": (
                 "pipeline.yaml:2: stages[0].tag: '--help' would be read as an option"
@@ -787,15 +849,32 @@ class TestSchema:
     def test_regeneration_command(
         self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
     ) -> None:
-        """``python -m pipekit.spec`` writes the file; ``--check`` fails when it is out of date."""
+        """``python -m pipekit.spec`` writes the file and the docs' copy; ``--check`` fails when one is out of date."""
         target = tmp_path / "pipeline.schema.json"
+        page = tmp_path / "spec.md"
+        page.write_text(f"# Pipeline files\n\n{DOCS_START}\nstale\n{DOCS_END}\n", encoding="utf-8")
         monkeypatch.setattr("pipekit.spec.__main__.SCHEMA_PATH", target)
+        monkeypatch.setattr("pipekit.spec.__main__.DOCS_PATH", page)
         assert schema_main(["--check"]) == 1
-        assert "is out of date; run: python -m pipekit.spec" in capsys.readouterr().err
+        assert capsys.readouterr().err.splitlines() == [
+            f"{target} is out of date; run: python -m pipekit.spec",
+            f"{page} is out of date; run: python -m pipekit.spec",
+        ]
         assert schema_main([]) == 0
         assert target.read_text(encoding="utf-8") == schema_text()
+        shown = page.read_text(encoding="utf-8")
+        assert "stale" not in shown
+        assert textwrap.indent(schema_text(), "    ") in shown
         assert schema_main(["--check"]) == 0
         assert schema_main(["--bogus"]) == 2
+
+    def test_the_docs_show_the_whole_schema(self) -> None:
+        """docs/spec.md shows the schema as generated (regenerate: python -m pipekit.spec)."""
+        page = DOCS_PATH.read_text(encoding="utf-8")
+        assert page == docs_with_schema(page)
+        assert textwrap.indent(schema_text(), "    ") in page
+        with pytest.raises(ValueError, match="markers"):
+            docs_with_schema("# no markers\n")
 
     def test_shape(self) -> None:
         """Draft 2020-12; every object refuses unknown fields and every field is described."""

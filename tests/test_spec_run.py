@@ -496,3 +496,39 @@ class TestBuildAndDeploy:
         assert "stage 'release': command: executable 'kubectl' not found on PATH" in problems
         assert "stage 'release': rollback_command: executable 'kubectl' not found on PATH" in problems
         assert not (tmp_path / "tools.log").exists()
+
+    async def test_flat_form_commands(self, fake_tools: Path, tmp_path: Path) -> None:
+        """A flat-form Build or Deploy stage runs the command it names; a dry run checks its executable."""
+
+        def flat(path: Path) -> pk.Pipeline:
+            return pipeline_of(
+                f"""\
+                name: flat
+                stages:
+                  - name: image
+                    type: Build
+                    command: docker build -t app:1 .
+                    timeout: 60
+                    env: {{PATH: "{path}"}}
+                  - name: release
+                    type: Deploy
+                    command: [kubectl, apply, -f, k8s/]
+                    timeout: 2m
+                    env: {{PATH: "{path}"}}
+                """
+            )
+
+        response = await flat(fake_tools).execute()
+        assert response.ok, response.error
+        assert (tmp_path / "tools.log").read_text(encoding="utf-8").splitlines() == [
+            "docker build -t app:1 .",
+            "kubectl apply -f k8s/",
+        ]
+        empty = tmp_path / "empty"
+        empty.mkdir()
+        response = await flat(empty).execute(DRY_RUN)
+        assert isinstance(response.error, pk.ValidationError)
+        assert [str(e) for e in response.error.errors] == [
+            "stage 'image': command: executable 'docker' not found on PATH",
+            "stage 'release': command: executable 'kubectl' not found on PATH",
+        ]

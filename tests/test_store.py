@@ -79,6 +79,15 @@ async def store(db_path: Path) -> AsyncIterator[SqliteStore]:
         yield opened
 
 
+_connect = sqlite3.connect
+
+
+def read_only_connect(path: str, **kwargs: Any) -> sqlite3.Connection:
+    """`sqlite3.connect` as SQLite opens a file it may not write (no write permission): read-only."""
+    connection: sqlite3.Connection = _connect(f"file:{path}?mode=ro", uri=True, **kwargs)
+    return connection
+
+
 async def _dead_pid() -> int:
     """The pid of a process that has exited (and been reaped)."""
     async with await anyio.open_process([sys.executable, "-c", "pass"]) as process:
@@ -300,6 +309,24 @@ class TestLocking:
             assert (await store.list_runs()).total == 0
 
 
+class TestCheckWritable:
+    async def test_writable_database(self, store: SqliteStore) -> None:
+        """A database that can be written passes, and nothing is written by the check."""
+        await store.check_writable()
+        assert (await store.list_runs()).total == 0
+
+    async def test_read_only_database(self, db_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        """A database SQLite can only open read-only: readable, but check_writable refuses it in one line."""
+        async with SqliteStore(db_path) as store:
+            await store.save(WriteBatch(runs=(run_row("aa"),)))
+        monkeypatch.setattr(sqlite3, "connect", read_only_connect)
+        async with SqliteStore(db_path) as store:
+            assert (await store.list_runs()).total == 1
+            with pytest.raises(StoreError) as caught:
+                await store.check_writable()
+        assert str(caught.value) == f"cannot write run database {db_path}: it is read-only"
+
+
 class TestWriting:
     async def test_batch_is_all_or_nothing(self, store: SqliteStore) -> None:
         """A batch with one bad row writes none of its rows."""
@@ -515,6 +542,19 @@ class TestInterruptedRuns:
         assert (busy.status, busy.reason) == ("interrupted", "interrupted: the recording process ended")
         assert busy.duration == pytest.approx(4.5)
         assert others == {"aa": "interrupted", "bb": "running", "cc": "running"}
+
+    async def test_read_only_database_is_read_as_it_is(self, db_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        """A database that cannot be written opens for reading; its dead runs stay running (marked when writable)."""
+        dead = await _dead_pid()
+        async with SqliteStore(db_path) as store:
+            await store.save(WriteBatch(runs=(run_row("aa", status="running", pid=dead, finished_at=None),)))
+        monkeypatch.setattr(sqlite3, "connect", read_only_connect)
+        async with SqliteStore(db_path) as store:
+            assert store.recovered == ()
+            assert (await store.get_run("aa")).status == "running"
+        monkeypatch.undo()
+        async with SqliteStore(db_path) as store:
+            assert store.recovered == ("aa",)
 
 
 ROOT = Path(__file__).resolve().parent.parent

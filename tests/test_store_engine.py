@@ -101,7 +101,7 @@ class TestRetryCarriesOver:
 
         flaky = MockStage("deploy", fail_times=1)
         pipeline = _pipeline(MockStage("build"), flaky)
-        request = pk.PipelineRequest(metadata={"pipekit.definition": "name: release\n"})
+        request = pk.PipelineRequest(type="deploy", metadata={"pipekit.definition": "name: release\n"})
         async with SqliteStore(tmp_path / "db") as store:
             async with pk.Engine(store=store, hooks=[watch]) as engine:
                 await engine.execute(pipeline, request)
@@ -116,6 +116,7 @@ class TestRetryCarriesOver:
             latest = await store.get_run((await store.list_runs()).runs[0].id)
         assert latest.definition == "name: release\n"
         assert handle.request.options.max_parallel == 1
+        assert handle.request.type == "deploy"
         assert set(handle.request.options.restore) == {"build"}
         assert seen[-1].metadata["team"] == "web"
         assert seen[-1].metadata["pipekit.retry_of"] == failed.id

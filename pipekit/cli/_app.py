@@ -10,7 +10,9 @@ SIGTERM) after the run was cancelled and rolled back.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import enum
+import functools
 import json
 import logging
 import os
@@ -19,7 +21,7 @@ import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated, Any, Final, NoReturn, TypeVar
+from typing import Annotated, Any, Final, NoReturn, TypeVar, cast
 
 import anyio
 import anyio.abc
@@ -106,10 +108,59 @@ def _stderr(line: str) -> None:
     sys.stderr.flush()
 
 
-def _fail(message: str, exit_code: int) -> NoReturn:
-    for line in message.splitlines() or [""]:
-        _stderr(f"pipekit: error: {line}")
+#: While a command given ``--json`` runs: the fields of the JSON document its errors are printed as.
+_ERROR_DOCUMENT: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar(
+    "pipekit_cli_error_document", default=None
+)
+F = TypeVar("F", bound=Callable[..., None])
+
+
+def _json_errors(**fields: Any) -> Callable[[F], F]:
+    """Make a command given ``--json`` print its errors as a JSON document on stdout too (they stay on stderr).
+
+    The document names the command's ``target`` as ``source``, when it has one.
+
+    Args:
+        fields: More fields of the document (``valid=False`` for ``validate``,
+            whose document then also lists the errors as ``problems``).
+    """
+
+    def decorate(command: F) -> F:
+        @functools.wraps(command)
+        def wrapper(*args: Any, **kwargs: Any) -> None:
+            source = {"source": kwargs["target"]} if "target" in kwargs else {}
+            token = _ERROR_DOCUMENT.set({**source, **fields} if kwargs.get("as_json") else None)
+            try:
+                command(*args, **kwargs)
+            finally:
+                _ERROR_DOCUMENT.reset(token)
+
+        return cast(F, wrapper)
+
+    return decorate
+
+
+def _exit_with(lines: list[str], exit_code: int) -> NoReturn:
+    """End the command; with ``--json``, after printing ``{"ok": false, "error": ..., "errors": [...], ...}``."""
+    fields = _ERROR_DOCUMENT.get()
+    if fields is not None:
+        document = {**fields, "ok": False, "error": lines[0], "errors": lines, "exit_code": exit_code}
+        if fields.get("valid") is False:
+            document["problems"] = lines
+        typer.echo(json.dumps(document, indent=2))
     raise typer.Exit(exit_code)
+
+
+def _fail(message: str, exit_code: int) -> NoReturn:
+    lines = message.splitlines() or [""]
+    for line in lines:
+        _stderr(f"pipekit: error: {line}")
+    _exit_with(lines, exit_code)
+
+
+def _interrupted() -> NoReturn:
+    _stderr("pipekit: interrupted")
+    _exit_with(["interrupted"], EXIT_INTERRUPTED)
 
 
 def _leaf(error: BaseException) -> BaseException:
@@ -155,8 +206,7 @@ def _call(function: Callable[..., Awaitable[T]], *args: Any, backend: str, log_l
     except (Exception, BaseExceptionGroup) as exc:
         error = _leaf(exc)
         if isinstance(error, KeyboardInterrupt):
-            _stderr("pipekit: interrupted")
-            raise typer.Exit(EXIT_INTERRUPTED) from None
+            _interrupted()
         if isinstance(error, LoadError):
             _fail(str(error), EXIT_USAGE)
         if isinstance(error, CommandError):
@@ -165,8 +215,7 @@ def _call(function: Callable[..., Awaitable[T]], *args: Any, backend: str, log_l
             _fail(str(error), EXIT_FAILED)
         raise
     except KeyboardInterrupt:  # before the run started (or after it ended): nothing to cancel
-        _stderr("pipekit: interrupted")
-        raise typer.Exit(EXIT_INTERRUPTED) from None
+        _interrupted()
 
 
 def _console() -> Console:
@@ -416,6 +465,7 @@ def _root(
 
 
 @app.command("run")
+@_json_errors()
 def run_command(
     target: Annotated[
         str,
@@ -480,6 +530,7 @@ def _report_problems(target: str, pipeline: pk.Pipeline, response: pk.PipelineRe
 
 
 @app.command("validate")
+@_json_errors(pipeline=None, valid=False)
 def validate_command(
     target: Annotated[
         str, typer.Argument(metavar="FILE", help="A pipeline file, a Python file (.py) or module:attribute.")
@@ -522,6 +573,7 @@ def _status_text(status: str) -> Text:
 
 
 @app.command("runs")
+@_json_errors()
 def runs_command(
     *,
     pipeline: Annotated[str | None, typer.Option("--pipeline", help="Only this pipeline's runs.")] = None,
@@ -567,6 +619,7 @@ def runs_command(
 
 
 @app.command("show")
+@_json_errors()
 def show_command(
     run_id: Annotated[str, typer.Argument(metavar="RUN_ID", help="A run's id, or the start of it.")],
     *,
@@ -634,6 +687,7 @@ def _flaky(stats: PipelineStats) -> str:
 
 
 @app.command("stats")
+@_json_errors()
 def stats_command(
     pipeline: Annotated[str | None, typer.Argument(metavar="[PIPELINE]", help="Only this pipeline.")] = None,
     *,
@@ -672,6 +726,7 @@ def stats_command(
 
 
 @app.command("retry")
+@_json_errors()
 def retry_command(
     run_id: Annotated[str, typer.Argument(metavar="RUN_ID", help="The recorded run's id, or the start of it.")],
     *,
@@ -741,9 +796,9 @@ def retry_command(
 @app.command("schema")
 def schema_command() -> None:
     """Print the JSON Schema of pipeline files (for editors and linters)."""
-    from pipekit import spec  # noqa: PLC0415 - only this command needs it
+    from pipekit.spec._schema import schema_text  # noqa: PLC0415 - only this command needs it
 
-    typer.echo(json.dumps(spec.json_schema(), indent=2))
+    typer.echo(schema_text(), nl=False)
 
 
 @app.command("version")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from collections import deque
@@ -32,6 +33,7 @@ __all__ = [
     "seconds",
     "summary_lines",
     "summary_table",
+    "write_line",
 ]
 
 #: How each state of a stage looks: symbol, style, words.
@@ -362,6 +364,31 @@ def summary_table(response: pk.PipelineResponse) -> Table:
 # -- displays -------------------------------------------------------------------------
 
 
+def write_line(out: TextIO, text: str) -> bool:
+    """Write ``text`` and a newline to ``out`` and flush; False if its reader has gone away.
+
+    When the reader of a pipe has gone (``pipekit run FILE | head``), the
+    run must go on (and be recorded, and rolled back if it fails) unseen:
+    the pipe is replaced by ``/dev/null``, so that later writes, and the
+    interpreter's last flush, are quietly dropped.
+    """
+    try:
+        out.write(text + "\n")
+        out.flush()
+    except BrokenPipeError:
+        try:
+            fd = out.fileno()
+        except (OSError, ValueError):  # not a real file: nothing to redirect
+            return False
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, fd)
+        finally:
+            os.close(devnull)
+        return False
+    return True
+
+
 class Display(Protocol):
     """What `pipekit run` and `pipekit retry` show while a run goes on, and at its end."""
 
@@ -399,9 +426,7 @@ class PlainDisplay:
         self._file = file
 
     def _write(self, text: str) -> None:
-        out = sys.stdout if self._file is None else self._file
-        out.write(text + "\n")
-        out.flush()
+        write_line(sys.stdout if self._file is None else self._file, text)
 
     def start(self) -> None:
         """Nothing to prepare."""
@@ -507,8 +532,7 @@ class JsonDisplay:
         """Write the document."""
         out = sys.stdout if self._file is None else self._file
         document = response_document(response, run_id=run_id, retry_of=self.retry_of, interrupted=self.interrupted)
-        out.write(json.dumps(document, indent=2, default=str) + "\n")
-        out.flush()
+        write_line(out, json.dumps(document, indent=2, default=str))
 
 
 def iso(value: datetime | None) -> str:

@@ -262,9 +262,11 @@ def _retry(spec: StageSpec) -> RetryPolicy | None:
 
 
 def _main_stage(spec: StageSpec, settings: dict[str, Any], rollback: str | Sequence[str] | None) -> CommandStage:
-    """The command stage of a stage without steps: its command, ``docker build`` or ``kubectl apply``."""
+    """The command stage of a stage without steps: its command, else ``docker build`` or ``kubectl apply``."""
     if spec.description:
         settings = {**settings, "description": spec.description}
+    if spec.command is not None:  # a Run stage, or a Build or Deploy stage of the flat form
+        return CommandStage(spec.name, spec.command, shell=spec.shell, rollback_command=rollback, **settings)
     if spec.type == "Build":
         assert spec.tag is not None
         dockerfile, context = spec.dockerfile or "Dockerfile", spec.context or "."
@@ -277,8 +279,7 @@ def _main_stage(spec: StageSpec, settings: dict[str, Any], rollback: str | Seque
         if spec.namespace is not None:
             command += ["--namespace", spec.namespace]
         return CommandStage(spec.name, command, rollback_command=rollback, **settings)
-    assert spec.command is not None
-    return CommandStage(spec.name, spec.command, shell=spec.shell, rollback_command=rollback, **settings)
+    raise AssertionError(f"unreachable: a checked {spec.type} stage has a command")  # pragma: no cover
 
 
 def _rollback_commands(spec: StageSpec) -> list[str | Sequence[str]]:

@@ -2,10 +2,11 @@
 
 Types and shapes are checked while decoding (`pipekit.spec._decode`); this
 module checks what a valid spec must also satisfy: a Run stage has a command
-or steps (not both), Build and Deploy stages have what their command needs,
-stage names are unique, dependencies exist and have no cycle, conditions are
-in the expression language and read known names, ``${NAME}`` references
-name a variable or an input, durations are positive.
+or steps (not both), Build and Deploy stages have their own command or what
+``docker build`` / ``kubectl apply`` needs, stage names are unique,
+dependencies exist and have no cycle, conditions are in the expression
+language and read known names, ``${NAME}`` references name a variable or an
+input, durations are positive.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ __all__ = ["BUILD_FIELDS", "CHECKOUT", "DEPLOY_FIELDS", "check", "dependencies"]
 CHECKOUT: Final = "checkout"
 BUILD_FIELDS: Final = ("tag", "dockerfile", "context")
 DEPLOY_FIELDS: Final = ("manifest", "cluster", "namespace")
+_OWN_COMMAND: Final = {"Build": "docker build", "Deploy": "kubectl apply"}
 
 
 def depends_on(stage: StageSpec) -> tuple[str, ...] | None:
@@ -192,17 +194,24 @@ class _Checker:
                 self.problem(path, "a Run stage needs a command or steps")
             elif stage.command is not None and stage.steps is not None:
                 self.problem((*path, "steps"), "give either command or steps, not both")
+        elif stage.command is not None:
+            # The flat form: a Build or Deploy stage naming its own command runs it as a Run stage would.
+            for field in BUILD_FIELDS if stage.type == "Build" else DEPLOY_FIELDS:
+                if getattr(stage, field) is not None:
+                    self.problem((*path, field), f"give either command or {field}, not both")
+            if stage.steps is not None:
+                self.problem((*path, "steps"), "give either command or steps, not both")
         else:
             needed = "tag" if stage.type == "Build" else "manifest"
             if getattr(stage, needed) is None:
-                self.problem(path, f"a {stage.type} stage needs a {needed}")
-            for field in ("command", "steps"):
-                if getattr(stage, field) is not None:
-                    self.problem(
-                        (*path, field), f"a {stage.type} stage runs its own command; use a Run stage for {field}"
-                    )
+                self.problem(path, f"a {stage.type} stage needs a {needed} (or a command)")
+            if stage.steps is not None:
+                self.problem((*path, "steps"), f"a {stage.type} stage runs one command; use a Run stage for steps")
             if stage.shell:
-                self.problem((*path, "shell"), f"only Run stages take shell ({stage.type} runs an argument list)")
+                self.problem(
+                    (*path, "shell"),
+                    f"shell needs a command ({stage.type} runs {_OWN_COMMAND[stage.type]} as arguments)",
+                )
             for field in ("tag", "context", "manifest"):
                 value = getattr(stage, field)
                 if value is not None and value.startswith("-"):

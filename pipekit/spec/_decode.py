@@ -2,9 +2,10 @@
 
 msgspec converts the data into the attrs classes of `pipekit.spec._model`
 (types, required fields, constraints); its errors are rewritten into plain
-words with the value that was given. msgspec ignores fields attrs classes do
-not have, so unknown fields are found first, by walking the data along the
-model's types.
+words with the value that was given. msgspec stops at the first value it
+refuses, so when it refuses one, the data is walked along the model's types
+to find every such value. msgspec ignores fields attrs classes do not have,
+so unknown fields are found by walking the data too.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ SCHEMA_KEY: Final = "$schema"
 
 _MISSING: Final[Any] = object()
 _PATH_PART = re.compile(r"\.([A-Za-z_]\w*)|\[(\d+)\]|\[(\.\.\.)\]")
-_AT = re.compile(r"^(?P<message>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.DOTALL)
+_AT = re.compile(r"^(?P<message>.*?)(?: - at (?P<key>`key` in )?`\$(?P<path>[^`]*)`)?$", re.DOTALL)
 _EXPECTED = re.compile(r"^Expected `(?P<types>[^`]+)`(?P<constraint>.*?)(?:, got `[^`]+`)?$", re.DOTALL)
 _TYPE_WORDS: Final = {
     "str": "a string",
@@ -49,7 +50,7 @@ def decode(document: Document) -> PipelineSpec:
     """Convert a document's data into a `PipelineSpec` (types and shapes only).
 
     Raises:
-        SpecError: Listing every unknown field, and the first value of a wrong type.
+        SpecError: Listing every unknown field and every value of a wrong type.
     """
     data = document.data
     if not isinstance(data, dict):
@@ -65,8 +66,8 @@ def decode(document: Document) -> PipelineSpec:
     spec: PipelineSpec | None = None
     try:
         spec = msgspec.convert(data, PipelineSpec)
-    except msgspec.ValidationError as exc:
-        problems.append(_translate(str(exc), data, document))
+    except msgspec.ValidationError:
+        problems.extend(_type_errors(data, PipelineSpec, (), document))
     if problems:
         raise SpecError.aggregate(sorted(problems, key=lambda p: p.line or 0))
     assert spec is not None
@@ -168,17 +169,55 @@ def _find_unknown_fields(value: Any, tp: Any, path: FieldPath, document: Documen
             return
 
 
+def _type_errors(value: Any, tp: Any, path: FieldPath, document: Document) -> list[SpecError]:
+    """One problem per value in ``value`` (of type ``tp``, at ``path``) that msgspec refuses; none if it converts.
+
+    Mappings of model classes, lists and dicts are looked into member by
+    member, so that every wrong value is found, not only msgspec's first;
+    a value refused as a whole (a wrong type, an empty list) is one problem.
+    """
+    try:
+        msgspec.convert(value, tp)
+    except msgspec.ValidationError as exc:
+        error = str(exc)
+    else:
+        return []
+    found: list[SpecError] = []
+    for member in _members(tp):
+        origin = get_origin(member)
+        if attrs.has(member) and isinstance(value, dict):
+            hints = _hints(member)
+            for key, item in value.items():
+                if key in hints:
+                    found.extend(_type_errors(item, hints[key], (*path, key), document))
+            for field in attrs.fields(member):
+                if field.default is attrs.NOTHING and field.name not in value:
+                    found.append(document.error(path, f"missing required field {field.name!r}"))
+            break
+        if origin in (tuple, list) and isinstance(value, list):
+            for i, item in enumerate(value):
+                found.extend(_type_errors(item, get_args(member)[0], (*path, i), document))
+            break
+        if origin is dict and isinstance(value, dict):
+            for key, item in value.items():
+                found.extend(_type_errors(item, get_args(member)[1], (*path, str(key)), document))
+            break
+    return found or [_translate(error, value, document, tp=tp, at=path)]
+
+
 # -- msgspec's errors in plain words ------------------------------------------------
 
 
-def _translate(error: str, data: Any, document: Document) -> SpecError:
-    """Rewrite a msgspec validation error as a `SpecError` at the field's path and line."""
+def _translate(error: str, data: Any, document: Document, *, tp: Any = PipelineSpec, at: FieldPath = ()) -> SpecError:
+    """Rewrite a msgspec validation error as a `SpecError` at the field's path and line.
+
+    ``data`` is what was converted to ``tp``; it is at ``at`` in the document.
+    """
     match = _AT.match(error)
     assert match is not None  # the pattern matches any text
     raw = match["message"]
-    path: list[str | int] = []
+    path: list[str | int] = list(at)
     value: Any = data
-    tp: Any = PipelineSpec
     for name, index, ellipsis in _PATH_PART.findall(match["path"] or ""):
         if ellipsis:  # a dict value: msgspec does not say which key, find the first one that fails
             key: str | int = _failing_key(value, tp)
@@ -187,6 +226,11 @@ def _translate(error: str, data: Any, document: Document) -> SpecError:
         tp = _child_type(tp, key, value) if tp is not None else None
         value = _get(value, key)
         path.append(key)
+    if match["key"] and isinstance(value, dict):  # a key of a mapping, not a value
+        odd = next((k for k in value if not isinstance(k, str)), _MISSING)
+        if odd is not _MISSING:
+            quoted = json.dumps(str(odd))
+            return document.error(tuple(path), f"keys must be strings, got {describe_value(odd)} (quote it: {quoted})")
     return document.error(tuple(path), _message(raw, tp, value))
 
 

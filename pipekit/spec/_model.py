@@ -132,11 +132,13 @@ class StageSpec:
 
     Attributes:
         name: The stage's name, unique in the pipeline.
-        type: Run (``command`` or ``steps``), Build (``docker build``) or
-            Deploy (``kubectl apply``).
+        type: Run (``command`` or ``steps``), Build (``docker build``, or
+            its ``command``) or Deploy (``kubectl apply``, or its ``command``).
         description: What the stage does, for displays.
-        command: The command of a Run stage: a string (split like a shell
-            would, or run by ``sh -c`` with ``shell: true``) or a list of arguments.
+        command: The command: a string (split like a shell would, or run by
+            ``sh -c`` with ``shell: true``) or a list of arguments. A Build or
+            Deploy stage with a command runs it instead of ``docker build`` /
+            ``kubectl apply`` (the flat form).
         steps: Commands run in order as one stage (instead of ``command``);
             each is a command string or a mapping with ``command`` or ``script``.
         shell: Run command strings through ``/bin/sh -c`` (pipes, globs, ``&&``).

@@ -12,10 +12,14 @@ import msgspec
 
 from ._model import MODEL_CLASSES, PipelineSpec
 
-__all__ = ["SCHEMA_PATH", "json_schema", "schema_text"]
+__all__ = ["DOCS_PATH", "SCHEMA_PATH", "docs_with_schema", "json_schema", "schema_text"]
 
 #: Where the generated schema is shipped, beside this module.
 SCHEMA_PATH: Final = Path(__file__).with_name("pipeline.schema.json")
+#: The documentation page that shows the schema (in a source checkout; absent from an installed pipekit).
+DOCS_PATH: Final = Path(__file__).resolve().parents[2] / "docs" / "spec.md"
+_DOCS_START: Final = "<!-- the whole schema, written by `python -m pipekit.spec`: do not edit -->"
+_DOCS_END: Final = "<!-- end of the whole schema -->"
 _DIALECT: Final = "https://json-schema.org/draft/2020-12/schema"
 _SECTION = re.compile(r"^(?:Attributes|Args|Example|Examples|Note):\s*$", re.MULTILINE)
 _ENTRY = re.compile(r"^    (\w+): (.*(?:\n {8,}.*)*)", re.MULTILINE)
@@ -78,3 +82,18 @@ def _docstring(cls: type) -> tuple[str, dict[str, str]]:
 def _unwrap(text: str) -> str:
     paragraphs = [" ".join(line.strip() for line in p.splitlines()) for p in re.split(r"\n\s*\n", text.strip())]
     return "\n\n".join(p for p in paragraphs if p).replace("``", "`")
+
+
+def docs_with_schema(page: str) -> str:
+    """``page`` (``docs/spec.md``'s text) with the schema shown between its markers brought up to date.
+
+    Raises:
+        ValueError: If the page has no markers.
+    """
+    start, end = page.find(_DOCS_START), page.find(_DOCS_END)
+    if start < 0 or end < start:
+        raise ValueError(f"the page has no {_DOCS_START!r} ... {_DOCS_END!r} markers")
+    lines = ["```json", *schema_text().splitlines(), "```"]
+    block = "\n".join(f"    {line}" if line else "" for line in lines)
+    shown = f'\n\n??? example "The whole schema (what `pipekit schema` prints)"\n\n{block}\n\n'
+    return page[: start + len(_DOCS_START)] + shown + page[end:]

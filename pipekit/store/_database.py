@@ -171,7 +171,7 @@ class Database:
         self.conn.row_factory = sqlite3.Row
 
     def setup(self) -> tuple[str, ...]:
-        """Configure the connection, migrate the schema, mark dead runs interrupted; return their ids.
+        """Configure the connection, migrate the schema, mark dead runs interrupted (if writable); return their ids.
 
         Safe to call again after a lock error.
         """
@@ -182,13 +182,26 @@ class Database:
         if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
             conn.execute("PRAGMA journal_mode = WAL")
         conn.execute("PRAGMA synchronous = NORMAL")  # with WAL: durable but for the last commits on power loss
-        return self.recover()
+        try:
+            return self.recover()
+        except sqlite3.OperationalError as exc:
+            if _code(exc) != _READONLY:
+                raise
+            return ()  # a read-only database can still be read: its dead runs stay `running` there
 
     def probe_write(self) -> None:
-        """Take the write lock and give it back at once (raises while another process holds it)."""
+        """Take the write lock, write nothing, give the lock back (raises while locked, or if read-only).
+
+        SQLite opens a file it may not write read-only, and even then grants
+        ``BEGIN IMMEDIATE``: only a write statement tells, so one that changes
+        no row is made.
+        """
         conn = self._conn()
         conn.execute("BEGIN IMMEDIATE")
-        conn.execute("ROLLBACK")
+        try:
+            conn.execute("UPDATE runs SET id = id WHERE 0")
+        finally:
+            conn.execute("ROLLBACK")
 
     def recover(self) -> tuple[str, ...]:
         """Mark runs still ``running`` whose recording process (on this host) is gone as interrupted."""
