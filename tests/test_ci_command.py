@@ -218,6 +218,28 @@ class TestFailure:
         assert isinstance(cause, CommandNotFoundError)
         assert str(cause) == f"{str(script)!r} is not executable (Permission denied)"
 
+    async def test_a_script_whose_interpreter_is_missing(self, tmp_path: Path) -> None:
+        """A script whose ``#!`` line names a missing interpreter: a CommandNotFoundError saying so."""
+        script = tmp_path / "build.sh"
+        script.write_text("#!/no/such/interpreter\necho hi\n")
+        script.chmod(0o755)
+
+        cause = cause_of(await run_one(CommandStage("build", [script])))
+
+        assert isinstance(cause, CommandNotFoundError)
+        assert str(cause) == f"{str(script)!r} could not be started: the interpreter its #! line names does not exist"
+
+    async def test_a_file_that_is_not_a_program(self, tmp_path: Path) -> None:
+        """An executable file the system cannot run (no ``#!``, not a binary): a one-line CommandNotFoundError."""
+        program = tmp_path / "build"
+        program.write_bytes(b"\x00\x01\x02 not a program")
+        program.chmod(0o755)
+
+        cause = cause_of(await run_one(CommandStage("build", [program])))
+
+        assert isinstance(cause, CommandNotFoundError)
+        assert str(cause) == f"{str(program)!r} could not be started: Exec format error"
+
     async def test_a_missing_working_directory(self, tmp_path: Path) -> None:
         """A ``cwd`` that does not exist: a CommandError naming it."""
         missing = tmp_path / "nope"
@@ -254,6 +276,7 @@ class TestDefinition:
             ({"success_codes": 0}, "stage 'build': success_codes must be a list of integers"),
             ({"success_codes": ["0"]}, "stage 'build': success_codes must be a list of integers"),
             ({"success_codes": (True,)}, "stage 'build': success_codes must be a list of integers"),
+            ({"success_codes": []}, "stage 'build': success_codes is empty (no exit status would succeed)"),
             ({"env": {"PORT": 8080}}, "stage 'build': env['PORT'] must be a string or pipekit.ci.Secret, got int"),
             ({"env": {"": "x"}}, "stage 'build': invalid environment variable name ''"),
             ({"env": {"A=B": "x"}}, "stage 'build': invalid environment variable name 'A=B'"),
@@ -395,6 +418,28 @@ class TestRollback:
         assert not response.stages["deploy"].rolled_back
         assert [e.stage for e in events.of(pk.StageRollbackFailed)] == ["deploy"]
 
+    @pytest.mark.parametrize("how", ["timeout", "cancel"])
+    async def test_the_rollback_command_runs_when_a_later_stage_is_interrupted(self, tmp_path: Path, how: str) -> None:
+        """A later stage timing out, or the caller cancelling the run: the rollback command still runs, shielded."""
+        deploy = CommandStage("deploy", "touch deployed", cwd=tmp_path, rollback_command="rm deployed")
+        hang = CommandStage("smoke", "echo checking; sleep 30", shell=True, timeout=0.5 if how == "timeout" else None)
+        pipeline = pk.Pipeline("release").add_stage(deploy).add_stage(hang)
+        scope = anyio.CancelScope()
+
+        async def cancel_when_smoke_prints(event: pk.Event) -> None:
+            if how == "cancel" and isinstance(event, OutputLine) and event.stage == "smoke":
+                scope.cancel()
+
+        with capture_events() as events, scope:
+            response = await pipeline.execute(hooks=[cancel_when_smoke_prints])
+
+        if how == "timeout":
+            assert response.status is pk.Status.TIMED_OUT
+        else:
+            assert scope.cancelled_caught
+        assert not (tmp_path / "deployed").exists()
+        assert [e.stage for e in events.of(pk.StageRolledBack)] == ["deploy"]
+
 
 class TestSecrets:
     """Secret values are masked everywhere pipekit shows text."""
@@ -463,6 +508,26 @@ class TestSecrets:
             assert not [text for text in shown if value in text], f"{value!r} leaked"
         assert "env *** key ***" in log_file.read_text(encoding="utf-8")
 
+    async def test_a_secret_in_a_missing_working_directory_is_masked(self, tmp_path: Path) -> None:
+        """The error naming a ``cwd`` that does not exist masks the secret it references."""
+        stage = CommandStage("build", ["true"], cwd=f"{tmp_path}/${{TOKEN}}")
+
+        cause = cause_of(await run_one(stage, input={"TOKEN": Secret("tok-s3cr3t")}))
+
+        assert type(cause) is CommandError
+        assert str(cause) == f"working directory '{tmp_path}/***' does not exist"
+
+    async def test_each_line_of_a_multiline_secret_is_masked(self) -> None:
+        """Output is masked line by line: every line of a multi-line secret is masked (not short ones like ``{``)."""
+        key = "-----BEGIN KEY-----\nMIIEvQIBADANBgkq\n{\n-----END KEY-----"
+        stage = CommandStage("show", ["printf", "%s\\n", "${KEY}"])
+
+        with capture_events() as events:
+            result = result_of(await run_one(stage, input={"KEY": Secret(key)}), "show")
+
+        assert result.stdout == "***\n***\n{\n***\n"
+        assert [e.line for e in events.of(OutputLine)] == ["***", "***", "{", "***"]
+
 
 class TestTemplates:
     """``${NAME}`` expansion from variables and input; ``$$`` is a ``$``."""
@@ -513,6 +578,48 @@ class TestTemplates:
 
         assert result.stdout == f"{value}\npre-{value}-post\n"
         assert [p async for p in anyio.Path(tmp_path).iterdir()] == []
+
+    @pytest.mark.parametrize(
+        ("script", "printed"),
+        [
+            ('printf "[%s]\\n" "${V}"', "[{}]"),
+            ("printf '[%s]\\n' '${V}'", "[{}]"),
+            ('printf "%s\\n" "pre ${V} post"', "pre {} post"),
+            ("printf '%s\\n' 'pre ${V} post'", "pre {} post"),
+            ("printf '%s\\n' \"$$(printf '%s' ${V})\"", "{}"),
+            ("printf '%s\\n' \"`printf '%s' ${V}`\"", "{}"),
+            ("# it's a comment\nprintf '%s\\n' ${V}", "{}"),
+            ("printf '%s\\n' \\' ${V}", "'\n{}"),
+        ],
+    )
+    async def test_quoted_shell_references_stay_data(self, tmp_path: Path, script: str, printed: str) -> None:
+        """In quotes, in ``$(...)``, after a comment: a value is never parsed by the shell, quotes and all."""
+        hostile = "x'; touch pwned1; ' \"; touch pwned2; \" $(touch pwned3) `touch pwned4` *"
+        stage = CommandStage("echo", script, shell=True, cwd=tmp_path)
+
+        result = result_of(await run_one(stage, input={"V": hostile}), "echo")
+
+        assert result.stdout == printed.format(hostile) + "\n"
+        assert [p async for p in anyio.Path(tmp_path).iterdir()] == []
+
+    async def test_shell_scripts_read_values_from_the_environment(self) -> None:
+        """The script that runs names the values' environment variables: a secret is in neither args nor ps."""
+        stage = CommandStage("login", "echo user ${USER_NAME} > /dev/null && test \"$$1\" = '${PASSWORD}'", shell=True)
+
+        # A quote in a secret once leaked it: quoting changed its text, so masking missed it.
+        response = await run_one(stage, input={"USER_NAME": "ci", "PASSWORD": Secret("pw-'s3cr3t")})
+
+        assert response.status is pk.Status.FAILED  # $1 is not the password: the test failed
+        assert "s3cr3t" not in repr(response)
+        cause = cause_of(response)
+        assert isinstance(cause, CommandFailedError)
+        assert cause.command == (
+            "/bin/sh",
+            "-c",
+            'echo user "${PIPEKIT_VAR_USER_NAME}" > /dev/null && test "$1" = \'\'"${PIPEKIT_VAR_PASSWORD}"\'\'',
+        )
+        printenv = CommandStage("env", "printenv PIPEKIT_VAR_USER_NAME; echo ${USER_NAME}", shell=True)
+        assert result_of(await run_one(printenv, input={"USER_NAME": "ci"}), "env").stdout == "ci\nci\n"
 
     async def test_references_in_cwd_and_env(self, tmp_path: Path) -> None:
         """``cwd`` and ``env`` values are expanded too."""

@@ -125,6 +125,12 @@ class TestOptions:
         assert stage.retry is policy
         assert stage.success_codes == frozenset({0, 101})
 
+    def test_a_rollback_command_may_hold_paths(self, tmp_path: Path) -> None:
+        """``rollback_command`` takes paths in its list, as CommandStage does (and type-checks so)."""
+        stage = GoBuildStage(tmp_path / "app", rollback_command=["rm", "-f", tmp_path / "app"])
+
+        assert stage.rollback_command == ("rm", "-f", str(tmp_path / "app"))
+
     def test_pipeline_uses_the_stage_timeout_and_retry(self) -> None:
         """add_stage picks up the stage's own timeout and retry policy."""
         policy = pk.RetryPolicy(max_attempts=2, initial_delay=0, jitter=0)

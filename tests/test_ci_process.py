@@ -21,7 +21,7 @@ import pytest
 import structlog.testing
 
 import pipekit as pk
-from pipekit.ci import CommandResult, CommandStage, OutputLine, Secret
+from pipekit.ci import CommandError, CommandResult, CommandStage, OutputLine, Secret
 from pipekit.ci._process import MAX_LINE
 from pipekit.testing import capture_events
 
@@ -294,6 +294,33 @@ class TestLogFile:
         assert "bad ***\n" in text
         assert text.startswith("$ sh -c ")
 
+    @pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (a device that is always full)")
+    @pytest.mark.parametrize("lines", [1, 5000])  # written at the end / while the command runs
+    async def test_a_full_disk_fails_the_stage_clearly(self, tmp_path: Path, lines: int) -> None:
+        """A log file write that fails: the command runs to its end, then a one-line CommandError."""
+        code = f"import pathlib; [print('x' * 40) for _ in range({lines})]; pathlib.Path('ran').touch()"
+        stage = CommandStage("build", py(code), cwd=tmp_path, log_file="/dev/full")
+
+        response = await run_one(stage)
+
+        cause = response.error.__cause__ if response.error is not None else None
+        assert type(cause) is CommandError
+        assert str(cause) == "cannot write the log file '/dev/full': No space left on device"
+        assert (tmp_path / "ran").exists()
+
+    async def test_a_log_file_that_cannot_be_written(self, tmp_path: Path) -> None:
+        """The command does not start; the error names the log file, on one line."""
+        (tmp_path / "logs").write_text("a file, not a directory")
+        log_file = tmp_path / "logs" / "build.log"
+        stage = CommandStage("build", ["touch", str(tmp_path / "ran")], log_file=log_file)
+
+        response = await run_one(stage)
+
+        cause = response.error.__cause__ if response.error is not None else None
+        assert type(cause) is CommandError
+        assert str(cause) == f"cannot write the log file {str(log_file)!r}: Not a directory"
+        assert not (tmp_path / "ran").exists()
+
 
 class TestTermination:
     """Timeouts, cancellation and early exits end the command's whole process group."""
@@ -394,6 +421,61 @@ class TestTermination:
         assert survivors(marker) == []
         # SIGTERM sufficed, and the ended orphans (zombies until init reaps them) were not waited for.
         assert anyio.current_time() - start < 1
+
+    async def test_an_unfinished_line_is_kept_when_the_command_is_interrupted(self, tmp_path: Path) -> None:
+        """Text printed without a newline before a hang reaches the events and the log file despite the timeout."""
+        log_file = tmp_path / "wait.log"
+        stage = CommandStage(
+            "wait", "printf 'waiting for the database...'; sleep 30", shell=True, timeout=0.5, log_file=log_file
+        )
+
+        with capture_events() as events:
+            response = await run_one(stage)
+
+        assert response.status is pk.Status.TIMED_OUT
+        assert [e.line for e in events.of(OutputLine)] == ["waiting for the database..."]
+        assert log_file.read_text(encoding="utf-8").endswith("\nwaiting for the database...\n")
+
+    async def test_output_printed_after_sigterm_is_kept(self) -> None:
+        """What a command prints while it handles SIGTERM (in the grace period) is streamed, before it ends."""
+        script = "trap 'echo cleaning up; exit 3' TERM; echo started; sleep 30 & wait"
+        stage = CommandStage("serve", script, shell=True, timeout=0.5, kill_grace=5)
+
+        with capture_events() as events:
+            response = await run_one(stage)
+
+        assert response.status is pk.Status.TIMED_OUT
+        assert [e.line for e in events.of(OutputLine)] == ["started", "cleaning up"]
+        kinds = [type(e) for e in events.events if e.stage == "serve"]
+        assert kinds.index(pk.StageFailed) > max(i for i, k in enumerate(kinds) if k is OutputLine)
+
+    async def test_a_process_outside_the_group_does_not_hold_the_stage(self, tmp_path: Path, marker: str) -> None:
+        """A daemon that left the group (``setsid``) and keeps the pipes open: the stage ends anyway."""
+        ready = tmp_path / "ready"
+        daemon = f"import os, pathlib, time; os.setsid(); pathlib.Path({str(ready)!r}).touch(); time.sleep(20)"
+        script = f"{shlex.join(py(daemon, marker))} & while [ ! -e {ready} ]; do sleep 0.01; done; echo started"
+        stage = CommandStage("start", script, shell=True)
+        start = anyio.current_time()
+
+        result, lines = await lines_of(stage)
+
+        assert anyio.current_time() - start < 10  # not the daemon's 20 s
+        assert result.stdout == "started\n"
+        assert lines == [("stdout", "started")]
+        assert len(survivors(marker)) == 1  # out of reach, as documented (the fixture ends it)
+
+    async def test_a_slow_subscriber_loses_no_output(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """Lines still being handled when the command has exited are all kept (only silence ends the reading)."""
+        monkeypatch.setattr("pipekit.ci._process._DRAIN_IDLE", 0.05)
+
+        async def slow(event: pk.Event) -> None:
+            if isinstance(event, OutputLine) and event.line == "line 0":
+                await anyio.sleep(0.3)  # the command has long exited when this returns
+
+        response = await run_one(CommandStage("chatty", py("for i in range(3): print('line', i)")), hooks=[slow])
+
+        assert response.ok, response.error
+        assert response.outputs["chatty"].stdout == "line 0\nline 1\nline 2\n"
 
     async def test_a_killed_command_reports_the_signal(self) -> None:
         """A command killed by a signal fails with a negative return code, named in the message."""

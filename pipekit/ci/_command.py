@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import math
 import os
 import shlex
@@ -23,7 +25,7 @@ from pipekit._stage import BaseStage
 from ._errors import CommandError, CommandFailedError, CommandNotFoundError
 from ._events import OutputLine
 from ._process import Stream, Tail, run_process
-from ._template import Masker, Secret, check_template, expand, references
+from ._template import Masker, Secret, check_template, expand, expand_shell, references
 
 __all__ = ["CommandResult", "CommandStage"]
 
@@ -40,7 +42,8 @@ class CommandResult:
     """What a command did: the output of a [`CommandStage`][pipekit.ci.CommandStage].
 
     Attributes:
-        args: The arguments that ran (``["sh", "-c", ...]`` for shell commands), secrets masked.
+        args: The arguments that ran (``["/bin/sh", "-c", script]`` for shell commands, the script reading
+            referenced values from ``PIPEKIT_VAR_NAME`` environment variables), secrets masked.
         returncode: The exit status (negative: killed by that signal).
         stdout: The tail of its standard output (up to ``tail_bytes``), secrets masked.
         stderr: The tail of its standard error, likewise.
@@ -116,8 +119,10 @@ class CommandStage(BaseStage):
 
     ``${NAME}`` in the command, ``cwd`` and ``env`` values is replaced by the
     pipeline's variable or request input of that name (input wins), ``$$`` by
-    ``$``. Each value becomes part of one argument, never shell syntax: for
-    ``shell=True`` commands it is quoted. An unknown name fails validation
+    ``$``. Each value becomes part of one argument, never shell syntax: a
+    ``shell=True`` script reads it from the environment variable
+    ``PIPEKIT_VAR_NAME`` (``"${PIPEKIT_VAR_NAME}"``, quoted for where the
+    reference stands), so the shell never parses it. An unknown name fails validation
     (so a dry run finds it). `Secret` values, in ``env`` or referenced, are
     masked as ``***`` in logs, events, span attributes, results and errors.
 
@@ -184,6 +189,8 @@ class CommandStage(BaseStage):
             isinstance(c, int) and not isinstance(c, bool) for c in success_codes
         ):
             raise PipelineDefinitionError(f"stage {name!r}: success_codes must be a list of integers")
+        if not success_codes:
+            raise PipelineDefinitionError(f"stage {name!r}: success_codes is empty (no exit status would succeed)")
         self.success_codes = frozenset(success_codes)
         self.description = description
         if not isinstance(tail_bytes, int) or isinstance(tail_bytes, bool) or tail_bytes < 1:
@@ -311,9 +318,11 @@ class CommandStage(BaseStage):
         template = self.command if command is None else _check_command(self.name, command, self.shell, "command")
         values = {**ctx.variables, **ctx.input}
         secrets: list[str] = [v.reveal() for v in values.values() if isinstance(v, Secret)]
+        script_env: dict[str, str] = {}
         try:
             if isinstance(template, str):
-                script, found = expand(template, values, shlex.quote)
+                # The script reads referenced values from the environment: the shell never parses them.
+                script, script_env, found = expand_shell(template, values)
                 secrets.extend(found)
                 argv: list[str] = ["/bin/sh", "-c", script]
             else:
@@ -324,12 +333,12 @@ class CommandStage(BaseStage):
                     secrets.extend(found)
         except KeyError as exc:
             raise CommandError(f"unknown variable ${{{exc.args[0]}}} in command") from None
-        env = self._environment(values, secrets)
+        env = self._environment(values, secrets) | script_env
         cwd = self._cwd(values, secrets)
         mask = Masker(secrets)
         shown = tuple(mask(a) for a in argv)
         if cwd is not None and not _is_dir(cwd):
-            raise CommandError(f"working directory {cwd!r} does not exist", command=shown)
+            raise CommandError(f"working directory {mask(cwd)!r} does not exist", command=shown)
         executable = _which(argv[0], env, cwd)
         if executable is None:
             raise CommandNotFoundError(_not_found(mask(argv[0])), command=shown)
@@ -339,7 +348,15 @@ class CommandStage(BaseStage):
             span.set_attribute(ATTR_COMMAND, shlex.join(shown))
         out, err = Tail(self.tail_bytes), Tail(self.tail_bytes)
         log = ctx.log
-        sink = _LogFile(self.log_file, shlex.join(shown)) if self.log_file is not None else None
+        sink = None
+        if self.log_file is not None:
+            sink = _LogFile(self.log_file, shlex.join(shown))
+            try:
+                await sink.open()
+            except OSError as exc:
+                raise CommandError(
+                    f"cannot write the log file {os.fspath(self.log_file)!r}: {exc.strerror or exc}", command=shown
+                ) from None
 
         async def on_line(stream: Stream, line: str) -> None:
             if mask:
@@ -357,6 +374,14 @@ class CommandStage(BaseStage):
             )
         except PermissionError as exc:
             raise CommandNotFoundError(f"{mask(argv[0])!r} is not executable ({exc.strerror})", command=shown) from None
+        except FileNotFoundError:  # the file is there (it was found): the interpreter of its #! line is not
+            raise CommandNotFoundError(
+                f"{mask(argv[0])!r} could not be started: the interpreter its #! line names does not exist",
+                command=shown,
+            ) from None
+        except OSError as exc:  # ENOEXEC: not a program this system runs (no #! line, another architecture)
+            error = CommandNotFoundError if exc.errno == errno.ENOEXEC else CommandError
+            raise error(f"{mask(argv[0])!r} could not be started: {exc.strerror or exc}", command=shown) from None
         finally:
             if sink is not None:
                 await sink.aclose()
@@ -378,6 +403,9 @@ class CommandStage(BaseStage):
                 returncode=returncode,
                 stderr=result.stderr,
             )
+        if sink is not None and sink.error is not None:
+            problem = sink.error.strerror or sink.error
+            raise CommandError(f"cannot write the log file {os.fspath(sink.path)!r}: {problem}", command=shown)
         return result
 
     def __repr__(self) -> str:
@@ -429,31 +457,58 @@ def _failure_message(args: tuple[str, ...], returncode: int, stderr: str) -> str
 
 
 class _LogFile:
-    """Appends a command's output to a file, in chunks written from a worker thread."""
+    """Appends a command's output to a file, in chunks written from a worker thread.
 
-    __slots__ = ("_chunks", "_file", "_path", "_size")
+    A failed write does not interrupt the command: the file gets nothing more,
+    and ``error`` says why (the stage fails with it once the command ends).
+    """
+
+    __slots__ = ("_chunks", "_file", "_size", "error", "path")
 
     def __init__(self, path: Path, command: str) -> None:
-        self._path = path
+        self.path = path
+        self.error: OSError | None = None
         self._chunks: list[str] = [f"$ {command}\n"]
         self._size = 0
         self._file: Any = None
 
+    async def open(self) -> None:
+        """Create the file's directory and open the file for appending (before the command starts).
+
+        Raises:
+            OSError: If it cannot be.
+        """
+
+        def create() -> None:
+            # A file in the way: opening says "Not a directory", clearer than mkdir's "File exists".
+            with contextlib.suppress(FileExistsError):
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+
+        await anyio.to_thread.run_sync(create)
+        self._file = await anyio.open_file(self.path, "a", encoding="utf-8")
+
     async def write(self, line: str) -> None:
+        """Append ``line`` (written once enough has gathered)."""
+        if self.error is not None:
+            return
         self._chunks.append(line + "\n")
         self._size += len(line) + 1
         if self._size >= _FLUSH_BYTES:
             await self._flush()
 
     async def _flush(self) -> None:
-        if self._file is None:
-            self._path.parent.mkdir(parents=True, exist_ok=True)
-            self._file = await anyio.open_file(self._path, "a", encoding="utf-8")
         text, self._chunks, self._size = "".join(self._chunks), [], 0
-        await self._file.write(text)
+        if self.error is None:
+            try:
+                await self._file.write(text)
+            except OSError as exc:
+                self.error = exc
 
     async def aclose(self) -> None:
         """Write what is buffered and close the file (shielded: output is never lost)."""
         with anyio.CancelScope(shield=True), anyio.move_on_after(10):
             await self._flush()
-            await self._file.aclose()
+            try:
+                await self._file.aclose()
+            except OSError as exc:  # the last buffered write failed
+                self.error = self.error or exc

@@ -49,7 +49,7 @@ class CommandOptions(TypedDict, total=False):
     timeout: float | None
     retry: RetryPolicy | None
     success_codes: Sequence[int]
-    rollback_command: str | Sequence[str] | None
+    rollback_command: str | Sequence[PathLike] | None
     description: str
     tail_bytes: int
     log_file: PathLike | None

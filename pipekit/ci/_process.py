@@ -5,6 +5,12 @@ When it is interrupted (a timeout, a cancellation) the whole group gets
 SIGTERM, then SIGKILL after a grace period, from shielded clean-up. When it
 exits on its own, processes it left running in its group are ended the same
 way, so no grandchild outlives its stage (CI runners do the same).
+
+The output readers are shielded too: they go on reading while the group is
+being ended, so what a command prints when it gets SIGTERM, and a last line
+without a newline, are not lost. Once the group is gone they read what is
+left and stop; if a process that left the group (a ``setsid`` daemon) still
+holds the pipes, they stop when it has been silent for a moment.
 """
 
 from __future__ import annotations
@@ -26,6 +32,12 @@ Stream = Literal["stdout", "stderr"]
 #: Lines longer than this arrive in pieces (a line never grows without bound).
 MAX_LINE = 64 * 1024
 _READ = 65536
+#: Once the command's group is gone, reading stops when the pipes have stayed empty for this long...
+_DRAIN_IDLE = 1.0
+#: ... or when this much more was read (a process outside the group could print forever).
+_DRAIN_LIMIT = 4 * 1024 * 1024
+#: Seconds handling the last, unfinished line of a reader that is stopped may take.
+_FLUSH_TIMEOUT = 1.0
 
 
 class Tail:
@@ -56,29 +68,85 @@ class Tail:
         return "".join(f"{line}\n" for line in self._lines)
 
 
-async def _pump(
-    stream: anyio.abc.ByteReceiveStream,
-    name: Stream,
-    on_line: Callable[[Stream, str], Awaitable[None]],
-) -> None:
-    """Read ``stream`` to its end, calling ``on_line`` for each line as it arrives."""
-    pending = b""
-    while True:
+class _Reader:
+    """Reads one output stream to its end in a shielded scope (stopped with ``scope.cancel()``)."""
+
+    __slots__ = ("done", "received", "scope", "waiting")
+
+    def __init__(self) -> None:
+        self.scope = anyio.CancelScope(shield=True)
+        self.done = anyio.Event()
+        self.received = 0  # bytes
+        self.waiting = False  # for output (not handling a line)
+
+    async def run(
+        self, stream: anyio.abc.ByteReceiveStream, name: Stream, on_line: Callable[[Stream, str], Awaitable[None]]
+    ) -> None:
         try:
-            chunk = await stream.receive(_READ)
-        except (anyio.EndOfStream, anyio.ClosedResourceError, anyio.BrokenResourceError):
-            break
-        pending += chunk
-        *lines, pending = pending.split(b"\n")
-        for line in lines:
-            rest = await _pieces(line, name, on_line)
-            await on_line(name, rest.rstrip(b"\r").decode("utf-8", "replace"))
-        pending = await _pieces(pending, name, on_line)
-    if pending:
-        await on_line(name, pending.rstrip(b"\r").decode("utf-8", "replace"))
+            with self.scope:
+                await self._pump(stream, name, on_line)
+        finally:
+            self.done.set()
+
+    async def _pump(
+        self, stream: anyio.abc.ByteReceiveStream, name: Stream, on_line: Callable[[Stream, str], Awaitable[None]]
+    ) -> None:
+        """Read ``stream`` to its end, calling ``on_line`` for each line as it arrives."""
+
+        async def handle(line: str) -> None:
+            await on_line(name, line)
+
+        pending = b""
+        while True:
+            self.waiting = True
+            try:
+                chunk = await stream.receive(_READ)
+            except (anyio.EndOfStream, anyio.ClosedResourceError, anyio.BrokenResourceError):
+                break
+            except anyio.get_cancelled_exc_class():
+                if pending:  # stopped: the unfinished last line is still a line
+                    with anyio.CancelScope(shield=True), anyio.move_on_after(_FLUSH_TIMEOUT):
+                        await handle(_text(pending))
+                raise
+            finally:
+                self.waiting = False
+            self.received += len(chunk)
+            pending += chunk
+            *lines, pending = pending.split(b"\n")
+            for line in lines:
+                rest = await _pieces(line, handle)
+                await handle(_text(rest))
+            pending = await _pieces(pending, handle)
+        if pending:
+            await handle(_text(pending))
 
 
-async def _pieces(data: bytes, name: Stream, on_line: Callable[[Stream, str], Awaitable[None]]) -> bytes:
+def _text(line: bytes) -> str:
+    return line.rstrip(b"\r").decode("utf-8", "replace")
+
+
+async def _drain(readers: Sequence[_Reader]) -> None:
+    """Let the readers handle what the ended group left in the pipes, up to their end.
+
+    Gives up when every reader still going has been waiting for output that
+    did not come for `_DRAIN_IDLE` seconds (only a process outside the group
+    can still write), or has read `_DRAIN_LIMIT` more bytes. A reader busy
+    handling lines (a slow subscriber) is never cut short.
+    """
+    limit = sum(r.received for r in readers) + _DRAIN_LIMIT
+    while True:
+        before = [r.received for r in readers]
+        with anyio.move_on_after(_DRAIN_IDLE):
+            for reader in readers:
+                await reader.done.wait()
+            return
+        if sum(r.received for r in readers) > limit:
+            return
+        if all(r.done.is_set() or (r.waiting and r.received == n) for r, n in zip(readers, before, strict=True)):
+            return
+
+
+async def _pieces(data: bytes, handle: Callable[[str], Awaitable[None]]) -> bytes:
     """Send ``data`` on in pieces of at most `MAX_LINE` bytes while it is longer; return the rest.
 
     Pieces end on a character boundary, so a cut never garbles UTF-8 text.
@@ -87,7 +155,7 @@ async def _pieces(data: bytes, name: Stream, on_line: Callable[[Stream, str], Aw
         cut = MAX_LINE
         while cut > MAX_LINE - 3 and data[cut] & 0xC0 == 0x80:  # a UTF-8 continuation byte: back off
             cut -= 1
-        await on_line(name, data[:cut].decode("utf-8", "replace"))
+        await handle(data[:cut].decode("utf-8", "replace"))
         data = data[cut:]
     return data
 
@@ -172,8 +240,9 @@ async def run_process(
     A negative status means the command was killed by that signal.
 
     Raises:
-        FileNotFoundError: The executable or ``cwd`` does not exist.
+        FileNotFoundError: The executable, the interpreter of its ``#!`` line, or ``cwd`` does not exist.
         PermissionError: The executable is not executable.
+        OSError: It cannot be started otherwise (``ENOEXEC``: not a program this system runs).
     """
     process = await anyio.open_process(
         command,
@@ -185,20 +254,29 @@ async def run_process(
         start_new_session=True,
     )
     pgid = process.pid  # start_new_session: the command leads its own group
+    readers = (_Reader(), _Reader())
     try:
         async with anyio.create_task_group() as tg:
             assert process.stdout is not None
             assert process.stderr is not None
-            tg.start_soon(_pump, process.stdout, "stdout", on_line)
-            tg.start_soon(_pump, process.stderr, "stderr", on_line)
-            returncode = await process.wait()
-            # Whatever the command left running in its group still holds
-            # the pipes (the readers would never see their end): end it.
-            if await _group_alive(pgid):
-                await _end_group(process, pgid, kill_grace)
-    except BaseException:
-        await _end_group(process, pgid, kill_grace)
-        raise
+            tg.start_soon(readers[0].run, process.stdout, "stdout", on_line)
+            tg.start_soon(readers[1].run, process.stderr, "stderr", on_line)
+            try:
+                returncode = await process.wait()
+                # Whatever the command left running in its group still holds
+                # the pipes (the readers would never see their end): end it.
+                if await _group_alive(pgid):
+                    await _end_group(process, pgid, kill_grace)
+                await _drain(readers)
+            except BaseException:
+                # Interrupted: end the group while the (shielded) readers go on reading.
+                with anyio.CancelScope(shield=True):
+                    await _end_group(process, pgid, kill_grace)
+                    await _drain(readers)
+                raise
+            finally:
+                for reader in readers:
+                    reader.scope.cancel()
     finally:
         with anyio.CancelScope(shield=True):
             await process.aclose()
