@@ -162,20 +162,24 @@ class Emitter:
                     raise TimeoutError(
                         f"hook took longer than {self.hook_timeout:g}s; it is not called again in this run"
                     )
-            except Exception:
+            except Exception as exc:
                 self._failed()
                 if self.instruments is not None:
                     # Counted under the pipeline that was executed (the outermost one).
                     self.instruments.hook_failures.add(1, {ATTR_PIPELINE: self.root or event.pipeline})
-                _log.exception(
-                    "pipekit.hook.failed",
-                    hook=getattr(hook, "__qualname__", repr(hook)),
-                    event_kind=event.kind,
-                    request_id=event.request_id,
-                    pipeline=event.pipeline,
-                    stage=event.stage,
+                fields = {
+                    "hook": getattr(hook, "__qualname__", repr(hook)),
+                    "event_kind": event.kind,
+                    "request_id": event.request_id,
+                    "pipeline": event.pipeline,
+                    "stage": event.stage,
                     **_span_ids(),
-                )
+                }
+                if isinstance(exc, PipekitError | TimeoutError):
+                    # An expected failure (HttpHook gave up, the hook overran): one line says it all.
+                    _log.warning("pipekit.hook.failed", error=f"{type(exc).__name__}: {exc}", **fields)
+                else:
+                    _log.exception("pipekit.hook.failed", **fields)
 
 
 def _interrupted_reason(stop: str, culprit: str | None, timeout: float | None) -> str:

@@ -707,6 +707,10 @@ class TestHttpHookRetries:
         assert hook.statistics() == HookStatistics(delivered=4, failed=2, retried=2)
         failures = [log for log in logs if log["event"] == "pipekit.hook.failed"]
         assert [f["event_kind"] for f in failures] == ["pipeline_started", "stage_started"]
+        # An expected delivery failure is one warning line, not a traceback per event.
+        assert {f["log_level"] for f in failures} == {"warning"}
+        assert all("exc_info" not in f for f in failures)
+        assert failures[0]["error"].startswith("HookDeliveryError: ")
         assert SECRET not in repr(logs)
         assert len(server.received) == 8
 
