@@ -786,7 +786,7 @@ class TestRetry:
         assert runs_json(db)[0]["retry_of"] == second["id"]
 
     def test_python_pipeline_from_failed_restores_outputs(self, project: Path, db: Path) -> None:
-        """A Python pipeline is named again with --pipeline-from; stages whose output was recorded are skipped."""
+        """A Python pipeline is loaded again from where it came from; stages whose output was recorded are skipped."""
         write(
             project / "steps.py",
             """
@@ -816,9 +816,8 @@ class TestRetry:
         )
         assert invoke("run", "steps.py", "--db", db).exit_code == 1
         (failed,) = runs_json(db)
-        result = invoke("retry", failed["id"], "--from-failed", "--db", db)
-        assert_one_line_error(result, 2, "recorded without its pipeline's definition", "--pipeline-from")
-        result = invoke("retry", failed["id"], "--from-failed", "--db", db, "--pipeline-from", "steps.py", "--json")
+        assert show_json(db, failed["id"])["source"] == str((project / "steps.py").resolve())
+        result = invoke("retry", failed["id"], "--from-failed", "--db", db, "--json")
         assert result.exit_code == 0, result.output
         document = json.loads(result.stdout)
         stages = {s["name"]: s for s in document["stages"]}
@@ -828,6 +827,23 @@ class TestRetry:
         new = show_json(db, document["run_id"])
         assert new["retry_of"] == failed["id"]
         assert new["stages"][-1]["output"] == 6
+        # --pipeline-from names it explicitly (the file moved, say).
+        result = invoke("retry", failed["id"], "--from-failed", "--db", db, "--pipeline-from", "steps.py", "--json")
+        assert result.exit_code == 0, result.output
+        assert (project / "count.log").read_text().split() == ["ran"]
+
+    def test_a_run_recorded_without_definition_or_source(self, db: Path) -> None:
+        """A run recorded from Python (no file, no source) needs --pipeline-from: one line, exit 2."""
+        from pipekit.testing import MockStage
+
+        async def record() -> None:
+            async with SqliteStore(db) as store, pk.Engine(store=store) as engine:
+                await engine.execute(pk.Pipeline("api").add_stage(MockStage("a", error=RuntimeError("no"))))
+
+        anyio.run(record)
+        (failed,) = runs_json(db)
+        result = invoke("retry", failed["id"], "--db", db)
+        assert_one_line_error(result, 2, "recorded without its pipeline's definition", "--pipeline-from")
 
     def test_a_pipeline_of_another_name(self, failed_run: str, db: Path, hello: Path) -> None:
         """--pipeline-from must name the recorded run's pipeline."""

@@ -739,7 +739,7 @@ def retry_command(
         typer.Option(
             "--pipeline-from",
             metavar="FILE",
-            help="Load the pipeline from here (a Python pipeline's, whose definition is not recorded).",
+            help="Load the pipeline from here instead of from where the run recorded it came from.",
         ),
     ] = None,
     parallel: ParallelOption = None,
@@ -760,7 +760,7 @@ def retry_command(
         loaded = (
             load_pipeline(pipeline_from)
             if pipeline_from is not None
-            else load_definition(record.definition, "", run_id=record.id)
+            else load_definition(record.definition, record.source or "", run_id=record.id)
         )
     except LoadError as exc:
         _fail(str(exc), EXIT_USAGE)

@@ -25,14 +25,14 @@ __all__ = ["Database", "is_busy", "translate"]
 FLAKIEST = 5
 
 _RUN_COLUMNS = (
-    "id, request_id, request_type, pipeline, definition_hash, input, input_restorable, trigger, retry_of, "
+    "id, request_id, request_type, pipeline, definition_hash, source, input, input_restorable, trigger, retry_of, "
     "host, pid, status, started_at, updated_at, finished_at, duration, error"
 )
 
 _UPSERT_RUN = """
-INSERT INTO runs (id, request_id, request_type, pipeline, definition_hash, definition, input, input_restorable,
+INSERT INTO runs (id, request_id, request_type, pipeline, definition_hash, definition, source, input, input_restorable,
                   trigger, retry_of, host, pid, status, started_at, updated_at, finished_at, duration, error)
-VALUES (:id, :request_id, :request_type, :pipeline, :definition_hash, :definition, :input, :input_restorable,
+VALUES (:id, :request_id, :request_type, :pipeline, :definition_hash, :definition, :source, :input, :input_restorable,
         :trigger, :retry_of, :host, :pid, :status, :started_at, :updated_at, :finished_at, :duration, :error)
 ON CONFLICT (id) DO UPDATE SET
     status = excluded.status, updated_at = excluded.updated_at, finished_at = excluded.finished_at,
@@ -262,6 +262,7 @@ class Database:
                 "pipeline": r.pipeline,
                 "definition_hash": r.definition_hash,
                 "definition": r.definition,
+                "source": r.source,
                 "input": r.input,
                 "input_restorable": int(r.input_restorable),
                 "trigger": r.trigger,
@@ -399,6 +400,7 @@ class Database:
             pipeline=row["pipeline"],
             definition_hash=row["definition_hash"],
             definition=definition,
+            source=row["source"],
             input=value if isinstance(value, dict) else {},
             input_restorable=bool(row["input_restorable"]) and decoded and isinstance(value, dict),
             trigger=row["trigger"],

@@ -378,6 +378,7 @@ class RunRecorder:
             pipeline=event.pipeline,
             definition_hash=definition_hash,
             definition=definition,
+            source=meta.get("pipekit.source"),
             input=input_text,
             input_restorable=restorable,
             trigger=meta.get("pipekit.trigger", self.trigger),

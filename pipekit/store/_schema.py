@@ -24,6 +24,7 @@ CREATE TABLE runs (
     pipeline TEXT NOT NULL,
     definition_hash TEXT,
     definition TEXT,
+    source TEXT,
     input TEXT NOT NULL DEFAULT '{}',
     input_restorable INTEGER NOT NULL DEFAULT 1,
     trigger TEXT NOT NULL,

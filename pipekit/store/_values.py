@@ -120,6 +120,8 @@ class RunRecord:
         pipeline: The pipeline's name.
         definition_hash: SHA-256 (hex) of the definition text, if one was given.
         definition: The definition text (a pipeline file, say), if one was given.
+        source: Where the pipeline came from, if the runner said (request
+            metadata ``pipekit.source``: a file or ``module:attribute``).
         input: The request input, decoded from JSON.
         input_restorable: False when the input was not JSON-serialisable; the
             values that were not are stored as their ``repr``.
@@ -144,6 +146,7 @@ class RunRecord:
     pipeline: str
     definition_hash: str | None = None
     definition: str | None = attrs.field(default=None, repr=False)
+    source: str | None = None
     input: Mapping[str, Any] = attrs.field(factory=dict, repr=False)
     input_restorable: bool = True
     trigger: str = "api"
@@ -248,7 +251,7 @@ class RunRow:
 
     A backend stores it as an upsert keyed by ``id``: ``id``,
     ``request_id``, ``request_type``, ``pipeline``, ``definition_hash``,
-    ``definition``, ``input``, ``input_restorable``, ``trigger``,
+    ``definition``, ``source``, ``input``, ``input_restorable``, ``trigger``,
     ``retry_of``, ``host``, ``pid`` and ``started_at`` never change once
     written; the rest is the latest state. ``updated_at`` is the time of its
     latest event (an interrupted run's end).
@@ -260,6 +263,7 @@ class RunRow:
     pipeline: str
     definition_hash: str | None
     definition: str | None = attrs.field(repr=False)
+    source: str | None = None
     input: str = attrs.field(repr=False)
     input_restorable: bool
     trigger: str
