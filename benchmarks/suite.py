@@ -24,7 +24,15 @@ from typing import Any
 import anyio
 import attrs
 
-from . import scenario_engine, scenario_graph, scenario_parallel, scenario_peers, scenario_sequential
+from . import (
+    scenario_commands,
+    scenario_engine,
+    scenario_graph,
+    scenario_history,
+    scenario_parallel,
+    scenario_peers,
+    scenario_sequential,
+)
 from ._baselines import LEGEND
 from ._harness import FULL, SMOKE, Scenario, Settings, assert_no_global_sdk, configure_logging, describe_machine
 from ._report import RESULTS, legend, misses, text_table, update_readme, write_json
@@ -37,11 +45,16 @@ SCENARIOS: tuple[tuple[str, tuple[str, ...], Runner, tuple[str, ...]], ...] = (
     ("3", (scenario_parallel.FAN_OUT,), scenario_parallel.run, ("asyncio", "trio")),
     ("4", (scenario_graph.GRAPH,), scenario_graph.run, ("asyncio", "trio")),
     ("5", (scenario_engine.ENGINE, scenario_engine.ROLLBACK), scenario_engine.run, ("asyncio", "trio")),
+    ("7", (scenario_commands.COMMANDS, scenario_commands.OUTPUT), scenario_commands.run, ("asyncio", "trio")),
+    ("9", (scenario_history.RECORDING,), scenario_history.run, ("asyncio", "trio")),
     ("prefect", (scenario_peers.PEER,), scenario_peers.run, ("asyncio",)),
 )
 
 #: Every scenario name the table shows (the smoke test checks them all).
 SCENARIO_NAMES = tuple(name for _, names, _, _ in SCENARIOS for name in names)
+
+#: What every baseline the table names is.
+BASELINES = {**LEGEND, **scenario_commands.LEGEND, **scenario_history.LEGEND}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -53,7 +66,7 @@ def _parser() -> argparse.ArgumentParser:
         "--only",
         nargs="+",
         choices=[key for key, _, _, _ in SCENARIOS],
-        help="run only these scenarios (2 runs with 1, 6 is the backends)",
+        help="run only these scenarios (2 runs with 1, 8 with 7; 6 is the backends)",
     )
     parser.add_argument("--backend", choices=["asyncio", "trio"], help="run on this backend only")
     parser.add_argument("--rounds", type=int, help="timed rounds per variant (overrides the mode's default)")
@@ -89,7 +102,7 @@ def run_suite(settings: Settings, only: Sequence[str] | None, backend: str | Non
         "settings": attrs.asdict(settings),
         "duration_s": round(time.perf_counter() - started, 1),
         "rows": rows,
-        "legend": legend(rows, LEGEND),
+        "legend": legend(rows, BASELINES),
         "notes": notes,
         "details": details,
     }
