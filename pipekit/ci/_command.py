@@ -333,13 +333,18 @@ class CommandStage(BaseStage):
                     secrets.extend(found)
         except KeyError as exc:
             raise CommandError(f"unknown variable ${{{exc.args[0]}}} in command") from None
-        env = self._environment(values, secrets) | script_env
+        # Inheriting the environment unchanged needs no copy of it (the common case).
+        env = (
+            None
+            if self.inherit_env and not self.env and not script_env
+            else self._environment(values, secrets) | script_env
+        )
         cwd = self._cwd(values, secrets)
         mask = Masker(secrets)
         shown = tuple(mask(a) for a in argv)
         if cwd is not None and not _is_dir(cwd):
             raise CommandError(f"working directory {mask(cwd)!r} does not exist", command=shown)
-        executable = _which(argv[0], env, cwd)
+        executable = _which(argv[0], os.environ if env is None else env, cwd)
         if executable is None:
             raise CommandNotFoundError(_not_found(mask(argv[0])), command=shown)
 

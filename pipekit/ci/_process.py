@@ -114,9 +114,11 @@ class _Reader:
             pending += chunk
             *lines, pending = pending.split(b"\n")
             for line in lines:
-                rest = await _pieces(line, handle)
-                await handle(_text(rest))
-            pending = await _pieces(pending, handle)
+                if len(line) > MAX_LINE:
+                    line = await _pieces(line, handle)  # noqa: PLW2901 - what is left of it
+                await handle(_text(line))
+            if len(pending) > MAX_LINE:
+                pending = await _pieces(pending, handle)
         if pending:
             await handle(_text(pending))
 
@@ -230,7 +232,7 @@ async def run_process(
     command: str | Sequence[str],
     *,
     cwd: str | os.PathLike[str] | None,
-    env: Mapping[str, str],
+    env: Mapping[str, str] | None,
     on_line: Callable[[Stream, str], Awaitable[None]],
     kill_grace: float,
 ) -> int:
@@ -250,7 +252,7 @@ async def run_process(
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         cwd=cwd,
-        env=dict(env),
+        env=None if env is None else dict(env),
         start_new_session=True,
     )
     pgid = process.pid  # start_new_session: the command leads its own group
