@@ -6,6 +6,9 @@ Needs the ``ci`` extra (``pip install 'pipekit[ci]'``).
 from __future__ import annotations
 
 from pipekit._exports import fixup_module_metadata as _fixup
+from pipekit._exports import require_extra as _require_extra
+
+_require_extra("pipekit.ci", "ci", ("httpx", "packaging"))
 
 from ._command import CommandResult as CommandResult
 from ._command import CommandStage as CommandStage
@@ -70,4 +73,4 @@ __all__ = (
 )
 
 _fixup(__name__, globals(), __all__)
-del _fixup
+del _fixup, _require_extra

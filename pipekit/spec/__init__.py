@@ -13,6 +13,9 @@ got "ten"``). `json_schema` is the format's JSON Schema, shipped as
 from __future__ import annotations
 
 from pipekit._exports import fixup_module_metadata as _fixup
+from pipekit._exports import require_extra as _require_extra
+
+_require_extra("pipekit.spec", "cli", ("yaml", "msgspec", "httpx", "packaging"))
 
 from ._build import build as build
 from ._build import load as load
@@ -50,4 +53,4 @@ __all__ = (
 
 
 _fixup(__name__, globals(), __all__)
-del _fixup
+del _fixup, _require_extra
