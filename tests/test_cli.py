@@ -857,6 +857,34 @@ class TestRetry:
         assert run_count(db) == 1
 
 
+class TestUsageErrors:
+    """The command as installed (``main``): a usage mistake is one line on stderr and exit 2."""
+
+    @pytest.mark.parametrize(
+        ("argv", "line"),
+        [
+            (["run", "--bogus", "x"], "pipekit: error: No such option: --bogus (see `pipekit run --help`)"),
+            (["run"], "pipekit: error: Missing argument 'FILE'. (see `pipekit run --help`)"),
+            (["frobnicate"], "pipekit: error: No such command 'frobnicate'. (see `pipekit --help`)"),
+        ],
+    )
+    def test_one_line(self, argv: list[str], line: str, capsys: pytest.CaptureFixture[str]) -> None:
+        """Unknown options and commands and missing arguments: one line naming the mistake, exit 2."""
+        with pytest.raises(SystemExit) as exited:
+            _app.main(argv)
+        assert exited.value.code == 2
+        captured = capsys.readouterr()
+        assert captured.err == line + "\n"
+        assert captured.out == ""
+
+    def test_exit_statuses_pass_through(self, hello: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        """A command's own exit status is the process's: 0 for a run that succeeded."""
+        with pytest.raises(SystemExit) as exited:
+            _app.main(["run", str(hello), "--no-db", "--plain"])
+        assert exited.value.code == 0
+        assert "build | built it" in capsys.readouterr().out
+
+
 class TestJsonErrors:
     @pytest.fixture
     def newer(self, hello: Path, db: Path) -> Path:

@@ -813,4 +813,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     Args:
         argv: The arguments after the command's name.
     """
-    app(args=None if argv is None else list(argv), prog_name="pipekit")
+    command = typer.main.get_command(app)
+    try:
+        code = command.main(args=None if argv is None else list(argv), prog_name="pipekit", standalone_mode=False)
+    except typer.Abort:
+        sys.exit(EXIT_INTERRUPTED)
+    except typer.TyperException as exc:  # click's usage errors: unknown option, missing argument...
+        # One line, like every other bad input (Typer would draw a box of several).
+        context = getattr(exc, "ctx", None)
+        where = context.command_path if context is not None else "pipekit"
+        message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+        sys.stderr.write(f"pipekit: error: {message} (see `{where} --help`)\n")
+        sys.exit(getattr(exc, "exit_code", EXIT_USAGE))
+    sys.exit(code if isinstance(code, int) else 0)
