@@ -178,6 +178,23 @@ class TestGitRepository:
             assert (workspace / "scratch.txt").exists()
         assert sorted(p.name for p in workspace.iterdir()) == [".git", "README.md", "scratch.txt"]
 
+    async def test_a_condition_may_read_the_checkout(self, repository: Path) -> None:
+        """``when: outputs.checkout.returncode == 0`` loads and runs: the clone is a stage like the others."""
+        pipeline = pipeline_of(
+            f"""\
+            name: app
+            git_repository: file://{repository}
+            workspace: ws
+            stages:
+              - name: show
+                command: cat README.md
+                when: outputs.checkout.returncode == 0
+            """
+        )
+        response = await pipeline.execute()
+        assert response.ok, response.error
+        assert response.stages["show"].status is pk.Status.SUCCEEDED
+
     async def test_dry_run_clones_nothing(self, repository: Path) -> None:
         """A dry run checks git and the stages' executables without cloning."""
         pipeline = pipeline_of(

@@ -104,9 +104,11 @@ class _Checker:
                 self.problem((*path, "name"), f"the stage name {CHECKOUT!r} is taken by the clone of git_repository")
             self.stage(path, stage)
         self.graph()
+        # A condition may read the clone's result too (outputs.checkout).
+        known = set(names) | ({CHECKOUT} if spec.git_repository is not None else set())
         for i, stage in enumerate(spec.stages):
             if stage.when is not None:
-                self.condition(("stages", i, "when"), stage.when, set(names))
+                self.condition(("stages", i, "when"), stage.when, known)
 
     # -- fields -------------------------------------------------------------
 
