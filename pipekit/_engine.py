@@ -294,13 +294,21 @@ class Engine:
         assert self._send is not None
         self._closed = True
         self._send.close()
+        leaving: BaseException | None = None  # what propagates out of the block
         try:
-            return await self._tg.__aexit__(exc_type, exc, tb)
+            suppressed = await self._tg.__aexit__(exc_type, exc, tb)
+            if not suppressed:
+                leaving = exc
+            return suppressed
+        except BaseException as error:
+            leaving = error
+            raise
         finally:
             self._events.close()
             if self._recorder is not None:
-                # Every execution has ended: what the recorder holds is written now.
-                await self._recorder.__aexit__(None, None, None)
+                # Every execution has ended: what the recorder holds is written now. Told
+                # what propagates, a failed write notes itself on it instead of replacing it.
+                await self._recorder.__aexit__(None if leaving is None else type(leaving), leaving, None)
 
     async def _actor(self, receive: MemoryObjectReceiveStream[ExecutionHandle]) -> None:
         assert self._tg is not None

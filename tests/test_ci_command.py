@@ -777,6 +777,32 @@ class TestEnvironment:
 
         assert result.stdout == f"built in {await anyio.Path(tmp_path).resolve()}\n"
 
+    async def test_a_relative_cwd_and_a_relative_executable(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """``./build.sh`` with ``cwd="sub"`` runs ``sub/build.sh`` (the path is not resolved twice)."""
+        monkeypatch.chdir(tmp_path)
+        (tmp_path / "sub").mkdir()
+        script = tmp_path / "sub" / "build.sh"
+        script.write_text("#!/bin/sh\necho built\n")
+        script.chmod(0o755)
+
+        result = result_of(await run_one(CommandStage("build", "./build.sh", cwd="sub")), "build")
+
+        assert result.stdout == "built\n"
+
+    async def test_a_relative_path_entry(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        """A tool found through a relative ``PATH`` entry runs even when the command's cwd is elsewhere."""
+        monkeypatch.chdir(tmp_path)
+        (tmp_path / "bin").mkdir()
+        (tmp_path / "elsewhere").mkdir()
+        tool = tmp_path / "bin" / "pipekit-test-tool"
+        tool.write_text("#!/bin/sh\necho tool ran\n")
+        tool.chmod(0o755)
+        stage = CommandStage("tool", ["pipekit-test-tool"], cwd="elsewhere", env={"PATH": f"bin{os.pathsep}/bin"})
+
+        assert result_of(await run_one(stage), "tool").stdout == "tool ran\n"
+
     async def test_stdin_is_not_the_callers(self) -> None:
         """A command reading its standard input gets end-of-file (it reads ``/dev/null``) instead of hanging."""
         code = "import os, sys; sys.stdin.read(); print(os.path.samestat(os.fstat(0), os.stat(os.devnull)))"

@@ -429,11 +429,16 @@ def _not_found(executable: str) -> str:
 
 
 def _which(executable: str, env: Mapping[str, str], cwd: str | None) -> str | None:
-    """Where ``executable`` is, searched like the process would be (its PATH, its cwd)."""
+    """Where ``executable`` is (an absolute path), searched like the process would be (its PATH, its cwd).
+
+    Absolute, because the process starts in ``cwd``: a relative path found
+    from here would be resolved a second time from there.
+    """
     if os.sep in executable:
         path = Path(cwd or ".") / executable
-        return str(path) if path.is_file() else None
-    return shutil.which(executable, path=env.get("PATH", os.defpath))
+        return str(path.absolute()) if path.is_file() else None
+    found = shutil.which(executable, path=env.get("PATH", os.defpath))
+    return None if found is None else os.path.abspath(found)
 
 
 def _shown(args: tuple[str, ...]) -> str:

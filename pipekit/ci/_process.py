@@ -10,7 +10,8 @@ The output readers are shielded too: they go on reading while the group is
 being ended, so what a command prints when it gets SIGTERM, and a last line
 without a newline, are not lost. Once the group is gone they read what is
 left and stop; if a process that left the group (a ``setsid`` daemon) still
-holds the pipes, they stop when it has been silent for a moment.
+holds the pipes, they stop once they have waited a moment in all for its
+output (it is silent, or prints only now and then).
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ Stream = Literal["stdout", "stderr"]
 #: Lines longer than this arrive in pieces (a line never grows without bound).
 MAX_LINE = 64 * 1024
 _READ = 65536
-#: Once the command's group is gone, reading stops when the pipes have stayed empty for this long...
+#: Once the command's group is gone, reading stops when the pipes have stayed empty for this long,
+#: or when the readers have waited this long in all for output that trickles in...
 _DRAIN_IDLE = 1.0
 #: ... or when this much more was read (a process outside the group could print forever).
 _DRAIN_LIMIT = 4 * 1024 * 1024
@@ -71,13 +73,23 @@ class Tail:
 class _Reader:
     """Reads one output stream to its end in a shielded scope (stopped with ``scope.cancel()``)."""
 
-    __slots__ = ("done", "received", "scope", "waiting")
+    __slots__ = ("done", "received", "scope", "waited", "waiting_since")
 
     def __init__(self) -> None:
         self.scope = anyio.CancelScope(shield=True)
         self.done = anyio.Event()
         self.received = 0  # bytes
-        self.waiting = False  # for output (not handling a line)
+        self.waited = 0.0  # seconds spent waiting for output, before the current wait
+        self.waiting_since: float | None = None  # when the current wait for output began (None: handling a line)
+
+    @property
+    def waiting(self) -> bool:
+        """Whether it is waiting for output (not handling a line)."""
+        return self.waiting_since is not None
+
+    def idle(self, now: float) -> float:
+        """Seconds spent waiting for output so far."""
+        return self.waited + (0.0 if self.waiting_since is None else now - self.waiting_since)
 
     async def run(
         self, stream: anyio.abc.ByteReceiveStream, name: Stream, on_line: Callable[[Stream, str], Awaitable[None]]
@@ -98,7 +110,7 @@ class _Reader:
 
         pending = b""
         while True:
-            self.waiting = True
+            self.waiting_since = anyio.current_time()
             try:
                 chunk = await stream.receive(_READ)
             except (anyio.EndOfStream, anyio.ClosedResourceError, anyio.BrokenResourceError):
@@ -109,7 +121,8 @@ class _Reader:
                         await handle(_text(pending))
                 raise
             finally:
-                self.waiting = False
+                self.waited += anyio.current_time() - self.waiting_since
+                self.waiting_since = None
             self.received += len(chunk)
             pending += chunk
             *lines, pending = pending.split(b"\n")
@@ -130,12 +143,16 @@ def _text(line: bytes) -> str:
 async def _drain(readers: Sequence[_Reader]) -> None:
     """Let the readers handle what the ended group left in the pipes, up to their end.
 
-    Gives up when every reader still going has been waiting for output that
-    did not come for `_DRAIN_IDLE` seconds (only a process outside the group
-    can still write), or has read `_DRAIN_LIMIT` more bytes. A reader busy
-    handling lines (a slow subscriber) is never cut short.
+    What the group left is read at once: only a process outside the group can
+    still make a reader wait for output. So this gives up when every reader
+    still going has been waiting for output that did not come for
+    `_DRAIN_IDLE` seconds, or has waited `_DRAIN_IDLE` seconds in all for
+    output that trickles in, or when `_DRAIN_LIMIT` more bytes were read. A
+    reader busy handling lines (a slow subscriber) is never cut short.
     """
     limit = sum(r.received for r in readers) + _DRAIN_LIMIT
+    start = anyio.current_time()
+    idle0 = [r.idle(start) for r in readers]
     while True:
         before = [r.received for r in readers]
         with anyio.move_on_after(_DRAIN_IDLE):
@@ -145,6 +162,9 @@ async def _drain(readers: Sequence[_Reader]) -> None:
         if sum(r.received for r in readers) > limit:
             return
         if all(r.done.is_set() or (r.waiting and r.received == n) for r, n in zip(readers, before, strict=True)):
+            return
+        now = anyio.current_time()
+        if all(r.done.is_set() or r.idle(now) - i >= _DRAIN_IDLE for r, i in zip(readers, idle0, strict=True)):
             return
 
 

@@ -13,6 +13,7 @@ from typing import Protocol, Self
 
 import anyio
 import anyio.abc
+import anyio.lowlevel
 import attrs
 import structlog
 
@@ -116,7 +117,7 @@ class RunRecorder:
         flush_interval: Seconds unwritten changes wait at most (also the pause
             before retrying a failed batch).
         max_pending: Rows waiting to be written beyond which the hook waits.
-        close_timeout: Seconds the final write may take on leaving.
+        close_timeout: Seconds leaving may take to finish writing (the write in progress, then the last one).
         log_lines: Lines of command output kept per stage (the tail).
         log_bytes: Bytes of command output kept per stage (the tail).
         max_output_bytes: Larger stage outputs are not stored (marked not restorable).
@@ -169,11 +170,18 @@ class RunRecorder:
         self._tg: anyio.abc.TaskGroup | None = None
         self._wake: anyio.Event  # made when entered, in the event loop that uses them
         self._settled: anyio.Event
+        self._stopped: anyio.Event  # set when the writer task has ended
+        self._writer_scope: anyio.CancelScope
         self._active: dict[str, RunState] = {}  # request id -> its execution in progress
         self._dirty_runs: dict[str, RunState] = {}
         self._dirty_stages: dict[tuple[str, str], StageState] = {}
         self._unwritten = 0  # events since the last batch was taken
         self._in_flight = 0  # rows being written
+        self._taken = 0  # batches taken to be written (numbered from 1)
+        self._done = 0  # the number of the last batch whose write ended (written or failed)
+        self._saving: anyio.CancelScope | None = None  # the shielded scope of the writer's write in progress
+        self._deadline = math.inf  # when leaving must be done (set on leaving)
+        self._cut_short = False  # whether leaving cut a write short
         self._writing = False  # whether the writer task runs
         self._urgent = False
         self._run_ids: dict[str, str] = {}
@@ -219,11 +227,19 @@ class RunRecorder:
             raise RuntimeError("a RunRecorder can be entered only once")
         self._wake = anyio.Event()
         self._settled = anyio.Event()
+        self._stopped = anyio.Event()
         tg = anyio.create_task_group()
         await tg.__aenter__()
         self._tg = tg
         self._state = "open"
-        await tg.start(self._writer)
+        try:
+            await tg.start(self._writer)
+        except BaseException as exc:  # cancelled meanwhile (so is the writer): leave the task group entered above
+            self._state = "closed"
+            self._settled.set()
+            await tg.__aexit__(type(exc), exc, exc.__traceback__)
+            raise
+        self._writer_scope.shield = True
         return self
 
     async def __aexit__(
@@ -231,23 +247,31 @@ class RunRecorder:
     ) -> None:
         assert self._tg is not None
         self._state = "closing"
+        # Leaving -- the write in progress, then the last one -- takes close_timeout at most.
+        self._deadline = anyio.current_time() + self._close_timeout
+        if self._saving is not None:
+            self._saving.deadline = self._deadline
         self._wake.set()
         try:
-            # The writer ends by itself, or was cancelled with the block. The
-            # block's own exception is not handed to the task group, so it
-            # propagates as it is (not in an ExceptionGroup).
+            # The writer ends by itself once woken (a write in progress is cut
+            # short at the deadline). Waiting for it shielded, the task group
+            # has nothing left to wait for: an enclosing cancellation cannot
+            # replace the block's own exception, which is not handed to the
+            # task group either: it propagates as it is (not in an ExceptionGroup).
+            with anyio.CancelScope(shield=True):
+                await self._stopped.wait()
+                await anyio.lowlevel.cancel_shielded_checkpoint()  # the task group sees its task end
             await self._tg.__aexit__(None, None, None)
         finally:
             # The writer is gone, and so are the runs' events (a cancelled run
             # reports its end before the block exits): the last write, shielded.
             with anyio.CancelScope(shield=True):
                 self._interrupt_unfinished()
-                with anyio.move_on_after(self._close_timeout):
-                    await self._flush(final=True)
+                await self._flush()  # bounded by the deadline
             self._state = "closed"
             self._settled.set()
         error = self._error
-        if self._pending() and error is None:
+        if self._pending() and (error is None or self._cut_short):
             error = StoreError(
                 f"writing the run history did not finish within {self._close_timeout:g}s; "
                 f"{self._pending()} rows were not written"
@@ -261,14 +285,24 @@ class RunRecorder:
     async def flush(self) -> None:
         """Wait until everything recorded so far is written.
 
+        Events recorded while it waits are not waited for (so it returns even
+        while runs keep recording).
+
         Raises:
-            RuntimeError: If the recorder is not open.
+            RuntimeError: If the recorder is not open, or its writer has
+                stopped (it failed: the block is ending).
             Exception: The store's error (a `StoreError`) if a write failed;
                 the rows stay pending and are retried.
         """
-        while self._pending():
+        if not self._pending():
+            return
+        # The batch that will hold what is recorded now: the one being written, or the next.
+        target = self._taken + (1 if self._dirty_runs or self._dirty_stages else 0)
+        while self._done < target:
             if self._state != "open":
                 raise RuntimeError(f"RunRecorder is {self._state}")
+            if not self._writing:
+                raise RuntimeError("RunRecorder's writer is not running: it failed (its block is ending)")
             self._urgent = True
             settled = self._settled
             self._wake.set()
@@ -429,28 +463,41 @@ class RunRecorder:
             self._wake = anyio.Event()
 
     async def _writer(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Write batches until the recorder closes.
+
+        Shielded once the recorder is open: it ends when the block does
+        (`__aexit__` wakes it), not when an enclosing scope is cancelled, so
+        the events of runs being cancelled and rolled back are still written
+        (and `flush` still works) meanwhile.
+        """
+        scope = self._writer_scope = anyio.CancelScope()  # __aenter__ shields it once started
         self._writing = True
         task_status.started()
         try:
-            while self._state == "open":
-                if not self._pending():
-                    await self._wait()
-                    continue
-                with anyio.move_on_after(self._flush_interval):
-                    while (
-                        self._state == "open"
-                        and not self._urgent
-                        and self._unwritten < self._batch_size
-                        and self._pending() <= self._max_pending
-                    ):
-                        await self._wait()
-                if not await self._flush():
-                    # Pause before retrying; closing, flush() or a finished run cut it short.
-                    with anyio.move_on_after(self._flush_interval):
-                        while self._state == "open" and not self._urgent:
-                            await self._wait()
+            with scope:
+                await self._write_batches()
         finally:
             self._writing = False
+            self._stopped.set()
+
+    async def _write_batches(self) -> None:
+        while self._state == "open":
+            if not self._pending():
+                await self._wait()
+                continue
+            with anyio.move_on_after(self._flush_interval):
+                while (
+                    self._state == "open"
+                    and not self._urgent
+                    and self._unwritten < self._batch_size
+                    and self._pending() <= self._max_pending
+                ):
+                    await self._wait()
+            if not await self._flush():
+                # Pause before retrying; closing, flush() or a finished run cut it short.
+                with anyio.move_on_after(self._flush_interval):
+                    while self._state == "open" and not self._urgent:
+                        await self._wait()
 
     def _interrupt_unfinished(self) -> None:
         """Mark the runs still in progress as interrupted: the recorder stops recording them."""
@@ -467,16 +514,18 @@ class RunRecorder:
                     self._dirty_stages[run.id, stage.name] = stage
         self._active.clear()
 
-    async def _flush(self, *, final: bool = False) -> bool:
+    async def _flush(self) -> bool:
         """Write everything changed as one batch; on failure keep it for the next one. True if written.
 
         A write in progress is shielded from cancellation, so its outcome is
-        known, except the ``final`` one: its caller shields it and bounds it
-        with ``close_timeout``.
+        known, until leaving the block cuts it short at its deadline
+        (``close_timeout``): that counts as a failure.
         """
         runs, stages = self._dirty_runs, self._dirty_stages
         if not runs and not stages:
             return True
+        self._taken += 1
+        number = self._taken
         self._dirty_runs, self._dirty_stages = {}, {}
         self._unwritten = 0
         self._urgent = False
@@ -486,9 +535,15 @@ class RunRecorder:
         )
         self._in_flight = len(batch.runs) + len(batch.stages)
         try:
-            with anyio.CancelScope(shield=not final):
+            with anyio.CancelScope(shield=True, deadline=self._deadline) as scope:
+                self._saving = scope
                 await self.store.save(batch)
+            if scope.cancelled_caught:  # leaving the block cut it short
+                self._cut_short = True
+                raise StoreError(f"writing the run history did not finish within {self._close_timeout:g}s")
         except BaseException as exc:
+            self._saving = None
+            self._done = number
             self._in_flight = 0
             # The live state is at least as new as the rows that failed: mark it to be written again.
             runs.update(self._dirty_runs)
@@ -501,6 +556,8 @@ class RunRecorder:
             _log.warning("pipekit.store.write_failed", error=str(exc), pending=self._pending())
             self._settle()
             return False
+        self._saving = None
+        self._done = number
         self._in_flight = 0
         self._error = None
         self._batches += 1
