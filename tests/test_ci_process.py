@@ -10,13 +10,11 @@ from __future__ import annotations
 import shlex
 import sys
 import textwrap
-import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import anyio
-import psutil  # type: ignore[import-untyped]  # no types-psutil in the dev extra
 import pytest
 import structlog.testing
 
@@ -24,6 +22,7 @@ import pipekit as pk
 from pipekit.ci import CommandError, CommandResult, CommandStage, OutputLine, Secret
 from pipekit.ci._process import MAX_LINE
 from pipekit.testing import capture_events
+from tests.helpers import new_marker, survivors
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="process groups and signals are POSIX")
 
@@ -61,20 +60,10 @@ async def lines_of(stage: CommandStage) -> tuple[CommandResult, list[tuple[str, 
 @pytest.fixture
 def marker() -> Iterator[str]:
     """Unique digits to put in the command lines of the processes a test starts (ends leftovers afterwards)."""
-    token = f"{uuid.uuid4().int % 10**15:015d}"
+    token = new_marker()
     yield token
     for process in survivors(token):  # only when a test failed: don't leak its processes
         process.kill()
-
-
-def survivors(marker: str) -> list[psutil.Process]:
-    """The live (not zombie) processes whose command line mentions ``marker``."""
-    found = []
-    for process in psutil.process_iter(["cmdline", "status"]):
-        cmdline = process.info["cmdline"] or []
-        if process.info["status"] != psutil.STATUS_ZOMBIE and any(marker in part for part in cmdline):
-            found.append(process)
-    return found
 
 
 def sleeper(marker: str, seconds: int = 60) -> str:

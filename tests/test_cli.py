@@ -29,6 +29,7 @@ import pipekit as pk
 from pipekit.cli import _app
 from pipekit.cli._app import RunState, app
 from pipekit.store import RUN_STATUSES, SqliteStore
+from tests.helpers import signal_cli
 
 PYTHON = sys.executable
 
@@ -1013,34 +1014,7 @@ class TestInterrupt:
     @staticmethod
     async def _interrupt(project: Path, *args: str) -> tuple[int, str, str]:
         """Start ``python -m pipekit.cli ARGS`` in ``project``, SIGINT it once its slow stage started; its outcome."""
-        env = {**os.environ, "PYTHONPATH": str(Path(pk.__file__).parent.parent)}
-        out: list[bytes] = []
-        err: list[bytes] = []
-
-        async def drain(stream: anyio.abc.ByteReceiveStream, into: list[bytes]) -> None:
-            async for chunk in stream:
-                into.append(chunk)
-
-        process = await anyio.open_process([PYTHON, "-m", "pipekit.cli", *args], cwd=project, env=env)
-        try:
-            async with anyio.create_task_group() as tg:
-                assert process.stdout is not None
-                assert process.stderr is not None
-                tg.start_soon(drain, process.stdout, out)
-                tg.start_soon(drain, process.stderr, err)
-                with anyio.fail_after(20):
-                    while not await anyio.Path(project / "started").exists():
-                        assert process.returncode is None, b"".join(err).decode()
-                        await anyio.sleep(0.05)
-                process.send_signal(signal.SIGINT)
-                with anyio.fail_after(30):
-                    returncode = await process.wait()
-        finally:
-            if process.returncode is None:
-                process.kill()
-            with anyio.CancelScope(shield=True), anyio.move_on_after(5):
-                await process.aclose()
-        return returncode, b"".join(out).decode(), b"".join(err).decode()
+        return await signal_cli(project, list(args), [("started", signal.SIGINT)])
 
     async def test_ctrl_c_cancels_rolls_back_and_exits_130(
         self, slow: Path, project: Path, anyio_backend_name: str

@@ -7,13 +7,11 @@ a cancellation swallowed, a process left running.
 
 from __future__ import annotations
 
-import os
 import shlex
 import signal
 import sys
 import textwrap
 import time
-import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -21,7 +19,6 @@ from typing import Any
 import anyio
 import anyio.abc
 import anyio.lowlevel
-import psutil  # type: ignore[import-untyped]  # no types-psutil in the dev extra
 import pytest
 import structlog.testing
 
@@ -30,6 +27,7 @@ from pipekit.ci import CommandStage, OutputLine
 from pipekit.ci._command import _LogFile
 from pipekit.store import RunRecorder, SqliteStore, StoreError, WriteBatch
 from pipekit.testing import FakeClock, MockStage, capture_events
+from tests.helpers import new_marker, signal_cli, survivors
 
 PY = sys.executable
 POSIX = pytest.mark.skipif(sys.platform == "win32", reason="process groups and signals are POSIX")
@@ -243,20 +241,10 @@ class TestEngineStore:
 @pytest.fixture
 def marker() -> Iterator[str]:
     """Unique digits to put in the command lines of the processes a test starts (ends leftovers afterwards)."""
-    token = f"{uuid.uuid4().int % 10**15:015d}"
+    token = new_marker()
     yield token
     for process in survivors(token):  # only when a test failed: don't leak its processes
         process.kill()
-
-
-def survivors(marker: str) -> list[psutil.Process]:
-    """The live (not zombie) processes whose command line mentions ``marker``."""
-    found = []
-    for process in psutil.process_iter(["cmdline", "status"]):
-        cmdline = process.info["cmdline"] or []
-        if process.info["status"] != psutil.STATUS_ZOMBIE and any(marker in part for part in cmdline):
-            found.append(process)
-    return found
 
 
 def py(code: str, *args: str) -> list[str]:
@@ -494,39 +482,6 @@ stages:
     shell: true
     command: touch started; sleep 30
 """
-
-
-async def signal_cli(project: Path, args: list[str], steps: list[tuple[str, signal.Signals]]) -> tuple[int, str, str]:
-    """Run ``python -m pipekit.cli ARGS`` in ``project``; send each signal once its file exists; the outcome."""
-    env = {**os.environ, "PYTHONPATH": str(Path(pk.__file__).parent.parent)}
-    out: list[bytes] = []
-    err: list[bytes] = []
-
-    async def drain(stream: anyio.abc.ByteReceiveStream, into: list[bytes]) -> None:
-        async for chunk in stream:
-            into.append(chunk)
-
-    process = await anyio.open_process([PY, "-m", "pipekit.cli", *args], cwd=project, env=env)
-    try:
-        async with anyio.create_task_group() as tg:
-            assert process.stdout is not None
-            assert process.stderr is not None
-            tg.start_soon(drain, process.stdout, out)
-            tg.start_soon(drain, process.stderr, err)
-            for name, signum in steps:
-                with anyio.fail_after(20):
-                    while not await anyio.Path(project / name).exists():
-                        assert process.returncode is None, b"".join(err).decode()
-                        await anyio.sleep(0.05)
-                process.send_signal(signum)
-            with anyio.fail_after(30):
-                returncode = await process.wait()
-    finally:
-        if process.returncode is None:
-            process.kill()
-        with anyio.CancelScope(shield=True), anyio.move_on_after(5):
-            await process.aclose()
-    return returncode, b"".join(out).decode(), b"".join(err).decode()
 
 
 @POSIX
