@@ -17,7 +17,7 @@ from opentelemetry import context as otel_context
 from ._errors import PipekitError
 from ._events import DEFAULT_HOOK_TIMEOUT
 from ._events_log import EventLog, EventStream
-from ._history import RunStore
+from ._history import RunStore, restorable_outputs
 from ._instrument import ATTR_PIPELINE, get_instruments
 from ._pipeline import make_request
 from ._request import PipelineRequest, PipelineResponse, RequestOptions
@@ -496,18 +496,7 @@ class Engine:
             raise PipekitError(
                 f"run {record.id} cannot be retried: its input was not JSON-serialisable, so not recorded"
             )
-        restore: dict[str, Any] = {}
-        if from_failed:
-            names = set(pipeline.stage_names)
-            for stage in record.stages:
-                status = getattr(stage.status, "value", stage.status)
-                if (
-                    stage.stage in names
-                    and status == Status.SUCCEEDED.value
-                    and stage.rollback_status is None
-                    and stage.output_restorable
-                ):
-                    restore[stage.stage] = stage.output
+        restore = restorable_outputs(record, set(pipeline.stage_names)) if from_failed else {}
         carried: dict[str, str] = {}
         definition = getattr(record, "definition", None)
         if isinstance(definition, str):

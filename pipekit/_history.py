@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Any, Protocol, runtime_checkable
 
 from ._pipeline import Hook
 
-__all__ = ["RecordedRun", "RecordedStage", "RunStore"]
+__all__ = ["RecordedRun", "RecordedStage", "RunStore", "restorable_outputs", "reusable"]
 
 
 class RecordedStage(Protocol):
@@ -86,3 +86,22 @@ class RunStore(Protocol):
     async def get_run(self, run_id: str) -> RecordedRun:
         """The recorded run ``run_id`` (raises `LookupError` when unknown)."""
         ...
+
+
+def reusable(stage: RecordedStage) -> bool:
+    """Whether a retry may skip ``stage`` and restore its output instead.
+
+    True when it succeeded, was not compensated afterwards, and its output
+    was recorded as itself.
+    """
+    status = getattr(stage.status, "value", stage.status)
+    return status == "succeeded" and stage.rollback_status is None and stage.output_restorable
+
+
+def restorable_outputs(record: RecordedRun, names: Collection[str] | None = None) -> dict[str, Any]:
+    """The outputs of ``record``'s `reusable` top-level stages (those in ``names``, when given)."""
+    return {
+        s.stage: s.output
+        for s in record.stages
+        if "/" not in s.stage and (names is None or s.stage in names) and reusable(s)
+    }

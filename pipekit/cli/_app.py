@@ -770,8 +770,7 @@ def retry_command(
         _fail(f"run {record.id}: its input was not recorded faithfully (not JSON), so it cannot run again", EXIT_FAILED)
     restore: dict[str, Any] = {}
     if from_failed:
-        names = set(loaded.pipeline.stage_names)
-        restore = {name: output for name, output in record.restorable_outputs().items() if name in names}
+        restore = record.restorable_outputs(set(loaded.pipeline.stage_names))
     metadata = {TRIGGER: "retry", RETRY_OF: record.id, SOURCE: loaded.source}
     if loaded.definition is not None:
         metadata[DEFINITION] = loaded.definition

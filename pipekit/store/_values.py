@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from datetime import datetime
 from typing import Any, Literal, Protocol, runtime_checkable
 
 import attrs
 
 from pipekit._history import RunStore as _CoreRunStore
+from pipekit._history import restorable_outputs, reusable
 from pipekit._status import Status
 
 __all__ = [
@@ -101,7 +102,7 @@ class StageRecord:
         True when it succeeded, was not compensated afterwards, and its output
         was stored.
         """
-        return self.status == Status.SUCCEEDED.value and self.rollback_status is None and self.output_restorable
+        return reusable(self)
 
 
 @attrs.frozen(kw_only=True)
@@ -177,13 +178,16 @@ class RunRecord:
                 return record
         raise KeyError(f"run {self.id} has no stage {name!r}")
 
-    def restorable_outputs(self) -> dict[str, Any]:
+    def restorable_outputs(self, names: Collection[str] | None = None) -> dict[str, Any]:
         """The outputs a retry can restore: top-level stages that are `StageRecord.reusable`.
 
         Stages of nested pipelines are not listed; a nested pipeline counts as
         one stage (its output maps its stages' names to their outputs).
+
+        Args:
+            names: Only these stages (the pipeline being retried has them).
         """
-        return {s.stage: s.output for s in self.stages if "/" not in s.stage and s.reusable}
+        return restorable_outputs(self, names)
 
 
 @attrs.frozen(kw_only=True)
