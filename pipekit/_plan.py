@@ -111,10 +111,15 @@ class Node:
 class Plan:
     """The compiled graph of one pipeline value."""
 
-    __slots__ = ("index", "nodes", "order", "roots", "telemetry")
+    __slots__ = ("index", "nodes", "order", "preflight", "roots", "telemetry")
 
-    def __init__(self, nodes: Sequence[Node], order: Sequence[int], pipeline_name: str = "") -> None:
+    def __init__(
+        self, nodes: Sequence[Node], order: Sequence[int], pipeline_name: str = "", *, validators: bool = False
+    ) -> None:
         self.nodes: tuple[Node, ...] = tuple(nodes)
+        # Whether this pipeline or one nested in it has pre-flight validators
+        # (decided once here, not walked again by every run).
+        self.preflight: bool = validators or any(n.nested is not None and n.nested.plan().preflight for n in self.nodes)
         self.order: tuple[int, ...] = tuple(order)
         self.index: dict[str, int] = {n.name: n.index for n in nodes}
         self.roots: tuple[int, ...] = tuple(n.index for n in nodes if not n.deps)
@@ -238,4 +243,4 @@ def compile_plan(pipeline: Pipeline, *, lenient: bool = False) -> Plan:
             waiting[d] -= 1
             if not waiting[d]:
                 ready.append(d)
-    return Plan(nodes, order, pipeline.name)
+    return Plan(nodes, order, pipeline.name, validators=bool(pipeline.validators))

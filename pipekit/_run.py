@@ -454,7 +454,7 @@ class _Run(_RunView):
                     if self.dry_run:
                         self.response = await self._finish_dry_run()
                         return self.response
-                    if self.parent_run is None and (problems := await self._preflight()):
+                    if self.parent_run is None and self.plan.preflight and (problems := await self._preflight()):
                         self.response = await self._refuse(problems)
                         return self.response
                     if pipeline.serialised:
@@ -1312,19 +1312,10 @@ def _all_validators(run: _Run, seen: set[int]) -> list[tuple[_Run, Validator]]:
     found = [(run, v) for v in pipeline.validators]
     for entry in pipeline.entries:
         nested = entry.stage
-        if isinstance(nested, Pipeline) and id(nested) not in seen and _has_validators(nested):
+        if isinstance(nested, Pipeline) and id(nested) not in seen and nested.plan().preflight:
             view = _Run(nested, nested.plan(), run.request, _child_emitter(run, nested), parent=run)
             found.extend(_all_validators(view, seen))
     return found
-
-
-def _has_validators(pipeline: Pipeline) -> bool:
-    """Whether ``pipeline`` or a pipeline nested in it has validators."""
-    from ._pipeline import Pipeline  # noqa: PLC0415 - avoids an import cycle
-
-    return bool(pipeline.validators) or any(
-        isinstance(e.stage, Pipeline) and _has_validators(e.stage) for e in pipeline.entries
-    )
 
 
 def _first_line(exc: BaseException) -> str:
