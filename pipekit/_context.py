@@ -108,6 +108,10 @@ class _RunView:
     variables: Mapping[str, Any]
     emitter: Any  # the run's event emitter, or None when nobody listens
 
+    def wall_time(self) -> float:
+        """Seconds since the epoch now, on the clock the run's own events use."""
+        return time.time()
+
 
 def _key_name(key: Key[Any] | str) -> str:
     if isinstance(key, Key):
@@ -210,7 +214,7 @@ class StageContext:
             event_type(
                 request_id=run.request.id,
                 pipeline=run.pipeline_name,
-                timestamp=time.time(),
+                timestamp=run.wall_time(),
                 stage=self._stage,
                 attempt=self._attempt,
                 **fields,

@@ -358,6 +358,10 @@ class _Run(_RunView):
     def _now_wall(self, mono: float) -> float:
         return self.wall0 + (mono - self.mono0)
 
+    def wall_time(self) -> float:
+        """Now, as the run's events tell time (a fake clock moves it too); the wall clock before it started."""
+        return self._now_wall(self.now()) if self.wall0 else time.time()
+
     # -- running ------------------------------------------------------------
 
     async def run(self) -> PipelineResponse:

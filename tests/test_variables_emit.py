@@ -456,6 +456,23 @@ class TestStageCarriedPoliciesAtRunTime:
         assert (own.attempts, given.attempts) == ([1, 2], [1, 2, 3, 4])
 
 
+@pytest.mark.pipekit_clock
+class TestEmitTimestamps:
+    async def test_emitted_events_tell_time_like_the_runs_own(self, pipekit_clock: FakeClock) -> None:
+        """On a fake clock, an emitted event is stamped on the run's clock: 10 s after the stage started."""
+
+        @pk.stage
+        async def slow(ctx: pk.StageContext) -> None:
+            await anyio.sleep(10)
+            await ctx.emit(Progress, percent=100)
+
+        with capture_events() as events:
+            await pk.Pipeline("p").add_stage(slow).execute()
+        (started,) = events.of(pk.StageStarted)
+        (progress,) = events.of(Progress)
+        assert progress.timestamp - started.timestamp == pytest.approx(10)
+
+
 class TestEventFields:
     """``StageSucceeded.output`` and the ``parent`` of PipelineStarted/PipelineFinished."""
 
