@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import math
 import os
 import shlex
 import shutil
@@ -19,6 +18,7 @@ from opentelemetry import trace
 
 from pipekit._context import StageContext
 from pipekit._errors import PipelineDefinitionError, ValidationError
+from pipekit._pipeline import _check_seconds as check_seconds
 from pipekit._policy import RetryPolicy
 from pipekit._stage import BaseStage
 
@@ -100,14 +100,6 @@ def _check_env(stage: str, env: Mapping[str, str | Secret] | None) -> dict[str, 
     return checked
 
 
-def _positive(stage: str, what: str, value: float | None) -> float | None:
-    if value is None:
-        return None
-    if not isinstance(value, int | float) or isinstance(value, bool) or math.isnan(value) or value <= 0:
-        raise PipelineDefinitionError(f"stage {stage!r}: {what} must be a number of seconds > 0, got {value!r}")
-    return float(value)
-
-
 class CommandStage(BaseStage):
     """Run a command (``make test``, ``python -m build``...) as a stage.
 
@@ -181,7 +173,7 @@ class CommandStage(BaseStage):
         self.cwd = None if cwd is None else os.fspath(cwd)
         self.env = _check_env(name, env)
         self.inherit_env = bool(inherit_env)
-        self.timeout = _positive(name, "timeout", timeout)
+        self.timeout = check_seconds(f"stage {name!r}: timeout", timeout)
         if retry is not None and not isinstance(retry, RetryPolicy):
             raise PipelineDefinitionError(f"stage {name!r}: retry must be a pipekit.RetryPolicy, got {retry!r}")
         self.retry = retry
@@ -197,7 +189,7 @@ class CommandStage(BaseStage):
             raise PipelineDefinitionError(f"stage {name!r}: tail_bytes must be an integer >= 1, got {tail_bytes!r}")
         self.tail_bytes = tail_bytes
         self.log_file = None if log_file is None else Path(log_file)
-        self.kill_grace = _positive(name, "kill_grace", kill_grace) or 5.0
+        self.kill_grace = check_seconds(f"stage {name!r}: kill_grace", kill_grace) or 5.0
         # Without a rollback command there is nothing to undo: say so to the runner.
         self._pipekit_rolls_back = self.rollback_command is not None
 
